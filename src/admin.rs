@@ -1,0 +1,220 @@
+//! The admin listener (SPEC §7): health, readiness, metrics, and the
+//! bearer-protected `/admin/*` API. No answer here ever holds a token value.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::age_secs;
+use crate::registry::snapshot::unix_secs;
+use crate::response::{self, Body};
+use crate::Shared;
+
+/// Serves the admin listener until shutdown.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "admin accept failed");
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let shared = Arc::clone(&shared);
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |request| handle(Arc::clone(&shared), request));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+}
+
+/// Answers one admin request.
+pub async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let response = match (&method, path.as_str()) {
+        (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render()),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        (&Method::GET, "/readyz") => readyz(&shared),
+        (_, p) if p.starts_with("/admin/") => {
+            if !authorized(&shared, &request) {
+                return Ok(error(StatusCode::UNAUTHORIZED, "A valid admin bearer token is required."));
+            }
+            admin(&shared, &method, p, request.uri().query()).await
+        }
+        _ => error(StatusCode::NOT_FOUND, "Not found."),
+    };
+    Ok(response)
+}
+
+fn authorized(shared: &Shared, request: &Request<Incoming>) -> bool {
+    let Some(expected) = &shared.config.admin_token else {
+        return false;
+    };
+    let presented = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes()))
+}
+
+async fn admin(shared: &Shared, method: &Method, path: &str, query: Option<&str>) -> Response<Body> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
+    match (method, segments.as_slice()) {
+        (&Method::POST, ["sync"]) => {
+            let force = query.is_some_and(|q| {
+                form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "force" && (v == "true" || v == "1"))
+            });
+            let mut stacks = BTreeMap::new();
+            for stack in shared.stacks.iter() {
+                let report = shared.sync_stack(stack, force).await;
+                stacks.insert(stack.name.to_string(), serde_json::to_value(report).unwrap_or(Value::Null));
+            }
+            json_response(StatusCode::OK, &json!({ "stacks": stacks }))
+        }
+        (&Method::POST, ["tokens", uid, "revoke"]) => set_revocation(shared, uid, true).await,
+        (&Method::DELETE, ["tokens", uid, "revoke"]) => set_revocation(shared, uid, false).await,
+        (&Method::GET, ["tokens"]) => json_response(StatusCode::OK, &tokens(shared)),
+        (&Method::GET, ["stacks"]) => json_response(StatusCode::OK, &stacks(shared)),
+        _ => error(StatusCode::NOT_FOUND, "Not found."),
+    }
+}
+
+async fn set_revocation(shared: &Shared, uid: &str, revoked: bool) -> Response<Body> {
+    let mut found = Vec::new();
+    let mut cancelled = 0;
+    for stack in shared.stacks.iter() {
+        match stack.set_admin_revocation(uid, revoked).await {
+            Ok(Some(change)) => {
+                if revoked {
+                    cancelled += shared.apply_change(stack, &change, true);
+                }
+                tracing::info!(stack = %stack.name, token = uid, revoked, "admin revocation changed");
+                found.push(stack.name.to_string());
+            }
+            Ok(None) => found.push(stack.name.to_string()),
+            Err(()) => {}
+        }
+    }
+    if found.is_empty() {
+        return error(StatusCode::NOT_FOUND, "No stack lists a token with this uid.");
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({ "uid": uid, "revoked": revoked, "stacks": found, "sessions_cancelled": cancelled }),
+    )
+}
+
+fn tokens(shared: &Shared) -> Value {
+    let mut list = Vec::new();
+    for stack in shared.stacks.iter() {
+        let Some(view) = stack.view() else { continue };
+        let registry = &view.registry;
+        let mut tokens: Vec<_> = registry.tokens().collect();
+        tokens.sort_by(|a, b| a.uid.cmp(&b.uid));
+        for token in tokens {
+            let environment = token
+                .scope
+                .environments
+                .first()
+                .map(|e| json!({ "name": e.name, "uid": e.uid }));
+            list.push(json!({
+                "uid": &*token.uid,
+                "name": token.name,
+                "stack": &*stack.name,
+                "environment": environment,
+                "branches": token.scope.branches,
+                "aliases": token.scope.aliases,
+                "has_preview": token.preview.is_some(),
+                "revoked": registry.is_admin_revoked(&token.uid),
+                "live_sessions": shared.sessions.live(stack.index, &token.uid),
+            }));
+        }
+    }
+    json!({ "tokens": list })
+}
+
+fn stacks(shared: &Shared) -> Value {
+    let list: Vec<Value> = shared
+        .stacks
+        .iter()
+        .map(|stack| {
+            let status = stack.status();
+            let view = stack.view();
+            json!({
+                "name": &*stack.name,
+                "loaded": view.is_some(),
+                "tokens": view.as_ref().map_or(0, |v| v.registry.len()),
+                "registry_version": view.as_ref().map_or(0, |v| v.registry.version()),
+                "last_success": status.last_success.map(unix_secs),
+                "last_error": status.last_error.as_ref().map(|e| e.to_string()),
+                "last_error_at": status.last_error_at.map(unix_secs),
+                "consecutive_failures": status.consecutive_failures,
+                "snapshot_age_seconds": status.snapshot_written.map(age_secs),
+                "snapshot_error": status.snapshot_error,
+                "held_back_removals": status.held_back,
+            })
+        })
+        .collect();
+    json!({ "stacks": list })
+}
+
+fn readyz(shared: &Shared) -> Response<Body> {
+    let waiting: Vec<&str> = shared
+        .stacks
+        .iter()
+        .filter(|s| s.view().is_none())
+        .map(|s| &*s.name)
+        .collect();
+    if waiting.is_empty() {
+        text(StatusCode::OK, "text/plain", "ready\n".to_owned())
+    } else {
+        json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "ready": false, "waiting_for": waiting }))
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut response = Response::new(response::full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    text(status, "application/json", value.to_string())
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(
+        status,
+        &json!({ "error_message": message, "error_code": status.as_u16(), "errors": {} }),
+    )
+}

@@ -1,0 +1,369 @@
+//! Wiring: builds the shared state from a [`Config`], binds the listeners,
+//! runs the background services (registry sync per stack, TLS reload), and
+//! owns the one shutdown tree (a root cancellation token and a task tracker).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Source as SourceConfig};
+use crate::metrics::Metrics;
+use crate::registry::snapshot::unix_secs;
+use crate::registry::source::{CmaClient, FileSource, Source, SyncError};
+use crate::registry::{Change, StackRegistry, Stacks, SyncReport};
+use crate::route::Router;
+use crate::server::{self, TlsReloader};
+use crate::sessions::Sessions;
+use crate::upstream::{build_client, HttpClient};
+
+/// How often a tokens file is checked for changes.
+pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between sync attempts after repeated failures.
+pub const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Everything the request path and the admin API share.
+pub struct Shared {
+    pub config: Config,
+    pub router: Router,
+    pub stacks: Stacks,
+    pub sessions: Arc<Sessions>,
+    pub client: HttpClient,
+    pub metrics: Metrics,
+    pub http: auto::Builder<TokioExecutor>,
+    /// Wakes every stack's sync loop (admin API).
+    pub sync_now: Notify,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Client(#[from] crate::upstream::ClientError),
+    #[error(transparent)]
+    Tls(#[from] server::TlsError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+    pub http_addr: Option<SocketAddr>,
+    pub https_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Shared {
+    /// Builds the shared state (no I/O but reading snapshots and TLS files).
+    pub fn new(config: Config) -> Result<Arc<Shared>, StartError> {
+        let metrics = Metrics::new()?;
+        let client = build_client(config.upstream.connect_timeout, config.upstream.ca_file.as_deref())?;
+        let router = Router::new(&config.routes);
+        let mut list = Vec::with_capacity(config.stacks.len());
+        for (index, stack) in config.stacks.iter().enumerate() {
+            let source = match &stack.registry.source {
+                SourceConfig::Cma {
+                    url, auth, credential, ..
+                } => Source::Cma(Box::new(CmaClient {
+                    http: client.clone(),
+                    base: url.clone(),
+                    api_key: stack.api_key.clone(),
+                    auth: *auth,
+                    credential: credential.clone(),
+                })),
+                SourceConfig::File { path } => Source::File(FileSource::new(path.clone())),
+            };
+            let registry = StackRegistry::new(index, &stack.name, &stack.api_key, stack.registry.clone(), source);
+            metrics.init_stack(&stack.name);
+            match registry.load_snapshot() {
+                Ok(Some(count)) => {
+                    tracing::info!(stack = %stack.name, tokens = count, "serving the snapshot until the first sync");
+                }
+                Ok(None) => {}
+                Err(err) => tracing::warn!(stack = %stack.name, error = %err, "snapshot not used"),
+            }
+            if let Some(view) = registry.view() {
+                record_registry(&metrics, &registry, &view.registry);
+            }
+            list.push(Arc::new(registry));
+        }
+        let names = list.iter().map(|s| Arc::clone(&s.name)).collect();
+        let stacks = Stacks::new(list);
+        Ok(Arc::new(Shared {
+            sessions: Sessions::new(metrics.clone(), names),
+            config,
+            router,
+            stacks,
+            client,
+            metrics,
+            http: server::http_builder(),
+            sync_now: Notify::new(),
+        }))
+    }
+
+    /// Syncs one stack now and applies what changed.
+    pub async fn sync_stack(&self, stack: &StackRegistry, force: bool) -> SyncReport {
+        let (report, change) = stack.sync(force).await;
+        self.after_sync(stack, &report, change);
+        report
+    }
+
+    fn after_sync(&self, stack: &StackRegistry, report: &SyncReport, change: Option<Change>) {
+        let name = &*stack.name;
+        let status = stack.status();
+        if let Some(err) = &status.last_error {
+            self.metrics.registry_sync_failures.with_label_values(&[name]).inc();
+            // A bad credential fails every poll: say so once per streak.
+            let first = status.consecutive_failures == 1;
+            if first || !matches!(err, SyncError::Credential(_)) {
+                tracing::error!(stack = name, failures = status.consecutive_failures, error = %err, "registry sync failed; serving the last good registry");
+            }
+            return;
+        }
+        if let Some(view) = stack.view() {
+            record_registry(&self.metrics, stack, &view.registry);
+        }
+        if let Some(success) = status.last_success {
+            self.metrics
+                .registry_last_success
+                .with_label_values(&[name])
+                .set(unix_secs(success) as f64);
+        }
+        self.metrics
+            .registry_held_back
+            .with_label_values(&[name])
+            .set(report.held_back.len() as i64);
+        if let Some(change) = change {
+            self.apply_change(stack, &change, false);
+        }
+    }
+
+    /// Ends the sessions a change no longer allows and drops the metric
+    /// series of tokens that are gone.
+    pub fn apply_change(&self, stack: &StackRegistry, change: &Change, admin: bool) -> usize {
+        let diff = &change.diff;
+        let revocation = self.sessions.revoke(stack.index, change, admin);
+        if !admin {
+            for uid in &diff.removed {
+                self.metrics.forget_token(&stack.name, uid);
+            }
+        }
+        record_registry(&self.metrics, stack, &change.registry);
+        tracing::info!(
+            stack = %stack.name,
+            version = change.registry.version(),
+            added = diff.added.len(),
+            removed = diff.removed.len(),
+            preview_removed = diff.preview_removed.len(),
+            rotated = diff.rotated.len(),
+            narrowed = diff.narrowed.len(),
+            changed = diff.changed.len(),
+            sessions_cancelled = revocation.cancelled,
+            "registry changed"
+        );
+        revocation.cancelled
+    }
+}
+
+fn record_registry(metrics: &Metrics, stack: &StackRegistry, registry: &crate::registry::Registry) {
+    let name = &*stack.name;
+    metrics.registry_tokens.with_label_values(&[name]).set(registry.len() as i64);
+    metrics
+        .registry_version
+        .with_label_values(&[name])
+        .set(i64::try_from(registry.version()).unwrap_or(i64::MAX));
+    if let Some(success) = stack.status().last_success {
+        metrics
+            .registry_last_success
+            .with_label_values(&[name])
+            .set(unix_secs(success) as f64);
+    }
+}
+
+/// Keeps one stack in sync until shutdown: every `sync_interval` (every
+/// [`FILE_POLL_INTERVAL`] for files), backing off with jitter on failure and
+/// honouring `Retry-After`.
+async fn sync_loop(shared: Arc<Shared>, stack: Arc<StackRegistry>, shutdown: CancellationToken) {
+    let interval = match &stack.settings().source {
+        SourceConfig::Cma { interval, .. } => *interval,
+        SourceConfig::File { .. } => FILE_POLL_INTERVAL,
+    };
+    loop {
+        let report = shared.sync_stack(&stack, false).await;
+        let status = stack.status();
+        let wait = match (&report.error, &status.last_error) {
+            (None, _) => interval,
+            (Some(_), error) => backoff(interval, status.consecutive_failures, error.as_ref()),
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shared.sync_now.notified() => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The wait after `failures` failures in a row: doubling from `interval` up
+/// to [`MAX_SYNC_BACKOFF`], ±20% jitter, never less than a `Retry-After`.
+pub fn backoff(interval: Duration, failures: u32, error: Option<&SyncError>) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    let base = interval.saturating_mul(1 << exponent).min(MAX_SYNC_BACKOFF.max(interval));
+    let jitter = 0.8 + rand::random::<f64>() * 0.4;
+    let wait = base.mul_f64(jitter);
+    match error {
+        Some(SyncError::RateLimited {
+            retry_after: Some(retry_after),
+        }) => wait.max(*retry_after),
+        _ => wait,
+    }
+}
+
+impl Gateway {
+    /// Binds every listener and starts every service.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let tls = config.tls.clone().map(TlsReloader::new).transpose()?;
+        let listen = config.listen.clone();
+        let bind = |key: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { key, addr, source })
+        };
+        let http = match listen.http {
+            Some(addr) => Some(bind("listen.http", addr).await?),
+            None => None,
+        };
+        let https = match (listen.https, &tls) {
+            (Some(addr), Some(_)) => Some(bind("listen.https", addr).await?),
+            _ => None,
+        };
+        let admin = bind("listen.admin", listen.admin).await?;
+        let local = |l: &TcpListener| l.local_addr().ok();
+        let http_addr = http.as_ref().and_then(local);
+        let https_addr = https.as_ref().and_then(local);
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+            key: "listen.admin",
+            addr: listen.admin,
+            source,
+        })?;
+
+        let shared = Shared::new(config)?;
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
+        for stack in shared.stacks.iter() {
+            tracker.spawn(sync_loop(Arc::clone(&shared), Arc::clone(stack), shutdown.clone()));
+        }
+        if let Some(listener) = http {
+            tracker.spawn(server::accept_loop(
+                listener,
+                Arc::clone(&shared),
+                None,
+                Arc::clone(&limit),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        if let (Some(listener), Some(tls)) = (https, tls) {
+            tracker.spawn(Arc::clone(&tls).watch(shutdown.clone()));
+            tracker.spawn(server::accept_loop(
+                listener,
+                Arc::clone(&shared),
+                Some(tls),
+                limit,
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        tracker.spawn(crate::admin::serve(admin, Arc::clone(&shared), shutdown.clone(), tracker.clone()));
+        for (name, addr) in [("http", http_addr), ("https", https_addr), ("admin", Some(admin_addr))] {
+            if let Some(addr) = addr {
+                tracing::info!(listener = name, %addr, "listening");
+            }
+        }
+        Ok(Gateway {
+            shared,
+            http_addr,
+            https_addr,
+            admin_addr,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// Cancelling this starts a graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, lets requests in flight finish for up to `grace`, then
+    /// returns. Returns whether everything finished within the grace period.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        self.shutdown.cancel();
+        self.tracker.close();
+        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
+    }
+
+    /// Runs until SIGTERM or SIGINT, then drains: SIGTERM for `grace_period`,
+    /// SIGINT for at most a second.
+    pub async fn run_until_signal(self) -> bool {
+        let grace = self.shared.config.server.grace_period;
+        let wait = match shutdown_signal().await {
+            Signal::Terminate => grace,
+            Signal::Interrupt => grace.min(Duration::from_secs(1)),
+        };
+        tracing::info!(grace = ?wait, "shutting down");
+        let clean = self.shutdown(wait).await;
+        if !clean {
+            tracing::warn!("grace period over; closing the connections still open");
+        }
+        clean
+    }
+}
+
+enum Signal {
+    Terminate,
+    Interrupt,
+}
+
+async fn shutdown_signal() -> Signal {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => Signal::Terminate,
+                _ = tokio::signal::ctrl_c() => Signal::Interrupt,
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                Signal::Interrupt
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        Signal::Interrupt
+    }
+}
+
+/// Seconds since `time`, for reports.
+pub fn age_secs(time: SystemTime) -> u64 {
+    SystemTime::now().duration_since(time).map_or(0, |d| d.as_secs())
+}

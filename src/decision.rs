@@ -1,0 +1,361 @@
+//! The decision table of SPEC §3 as pure functions.
+//!
+//! [`check_http`] is row 16 (the HTTP layer's checks, before all others);
+//! [`decide`] is rows 1 to 14 in order, the first failing row deciding. Both
+//! read only their arguments: no `.await`, no clock, no metrics. Row 15 (rate
+//! limits) and row 17 (upstream errors) happen after a decision, elsewhere,
+//! but share the [`Reject`] type so that one function renders every refusal.
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::request::Parts;
+use http::HeaderMap;
+use tokio::time::Instant;
+
+use crate::registry::model::DEFAULT_BRANCH;
+use crate::registry::{Digest, Lookup, StackRegistry, Stacks, Token, TokenKind};
+use crate::route::{Route, Router};
+
+/// Header carrying the stack's api_key on REST routes.
+pub const API_KEY: HeaderName = HeaderName::from_static("api_key");
+/// Header carrying the delivery token.
+pub const ACCESS_TOKEN: HeaderName = HeaderName::from_static("access_token");
+/// Header carrying the preview token.
+pub const PREVIEW_TOKEN: HeaderName = HeaderName::from_static("preview_token");
+/// Header carrying a branch or alias.
+pub const BRANCH: HeaderName = HeaderName::from_static("branch");
+/// A user session token: never accepted at the edge.
+pub const AUTHTOKEN: HeaderName = HeaderName::from_static("authtoken");
+
+/// Query parameters that must never carry credentials (row 3).
+const CREDENTIAL_PARAMS: [&str; 5] = ["api_key", "access_token", "preview_token", "authtoken", "authorization"];
+
+/// Largest request head accepted (row 16).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Longest URL accepted (row 16).
+pub const MAX_URL_BYTES: usize = 8 * 1024;
+
+/// Why a request is refused. One variant per reason of SPEC §3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    NoRoute,
+    MethodNotAllowed,
+    CredentialInQuery { param: String },
+    ManagementCredential,
+    UnknownStack,
+    RegistryUnavailable,
+    RegistryStale,
+    PreviewTokenOnDelivery,
+    TokenRevoked { field: &'static str },
+    InvalidToken,
+    InvalidPreviewToken,
+    TokenMismatch,
+    EnvironmentOutOfScope,
+    BranchOutOfScope { branch: String },
+    RateLimited { limit: u32, remaining: u32, retry_after_secs: u64 },
+    BadRequest(BadRequest),
+    UpstreamError,
+    UpstreamTimeout,
+}
+
+/// The shapes of row 16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadRequest {
+    /// 431.
+    HeadTooLarge,
+    /// 414.
+    UrlTooLong,
+    /// 413.
+    BodyTooLarge,
+    /// 400; the connection is closed after answering.
+    Malformed,
+}
+
+impl Reject {
+    /// The reason, as sent in `x-stackgate-reason` and used in logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Reject::NoRoute => "no_route",
+            Reject::MethodNotAllowed => "method_not_allowed",
+            Reject::CredentialInQuery { .. } => "credential_in_query",
+            Reject::ManagementCredential => "management_credential",
+            Reject::UnknownStack => "unknown_stack",
+            Reject::RegistryUnavailable => "registry_unavailable",
+            Reject::RegistryStale => "registry_stale",
+            Reject::PreviewTokenOnDelivery => "preview_token_on_delivery",
+            Reject::TokenRevoked { .. } => "token_revoked",
+            Reject::InvalidToken => "invalid_token",
+            Reject::InvalidPreviewToken => "invalid_preview_token",
+            Reject::TokenMismatch => "token_mismatch",
+            Reject::EnvironmentOutOfScope => "environment_out_of_scope",
+            Reject::BranchOutOfScope { .. } => "branch_out_of_scope",
+            Reject::RateLimited { .. } => "rate_limited",
+            Reject::BadRequest(_) => "bad_request",
+            Reject::UpstreamError => "upstream_error",
+            Reject::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// Whether this is a failed authentication (rows 8 to 14), counted by
+    /// the per-IP limiter.
+    pub fn is_failed_auth(&self) -> bool {
+        matches!(
+            self,
+            Reject::PreviewTokenOnDelivery
+                | Reject::TokenRevoked { .. }
+                | Reject::InvalidToken
+                | Reject::InvalidPreviewToken
+                | Reject::TokenMismatch
+                | Reject::EnvironmentOutOfScope
+                | Reject::BranchOutOfScope { .. }
+        )
+    }
+}
+
+/// Which kind of session a permitted request opens: a delivery token used on
+/// a delivery or GraphQL route, or a preview token on a preview route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionKind {
+    Delivery,
+    Preview,
+}
+
+/// A request that may be forwarded, with what revocation needs to know.
+#[derive(Debug)]
+pub struct Permit<'a> {
+    pub route: &'a Route,
+    /// The path to forward (route prefix stripped).
+    pub path: &'a str,
+    pub stack: &'a Arc<StackRegistry>,
+    pub token: Arc<Token>,
+    pub session: SessionKind,
+    /// The `environment` query values the request gave (all in scope).
+    pub environments: Vec<String>,
+    /// The branch or alias it reads (`main` when none was given).
+    pub branch: String,
+}
+
+/// A refused request, with what is known about it for logs and metrics.
+#[derive(Debug)]
+pub struct Refusal<'a> {
+    pub reject: Reject,
+    pub route: Option<&'a Route>,
+    pub stack: Option<&'a Arc<StackRegistry>>,
+    /// The uid of the token involved, once it is known.
+    pub token: Option<Arc<str>>,
+}
+
+/// The outcome of [`decide`].
+#[derive(Debug)]
+pub enum Decision<'a> {
+    Forward(Permit<'a>),
+    /// A CORS preflight, answered by the gateway.
+    Preflight(&'a Route),
+    Refuse(Refusal<'a>),
+}
+
+/// Row 16: the HTTP layer's checks, before anything else is looked at.
+/// Hyper already answers heads it cannot parse (or that overflow its buffer);
+/// this catches what it lets through.
+pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> {
+    let url_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    if url_len > MAX_URL_BYTES {
+        return Err(BadRequest::UrlTooLong);
+    }
+    let head: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + url_len;
+    if head > MAX_HEAD_BYTES {
+        return Err(BadRequest::HeadTooLarge);
+    }
+    let headers = &parts.headers;
+    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+        return Err(BadRequest::Malformed);
+    }
+    for name in [CONTENT_LENGTH, API_KEY, ACCESS_TOKEN, PREVIEW_TOKEN, BRANCH] {
+        if headers.get_all(&name).iter().nth(1).is_some() {
+            return Err(BadRequest::Malformed);
+        }
+    }
+    if let Some(length) = headers.get(CONTENT_LENGTH) {
+        let length: u64 = length
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or(BadRequest::Malformed)?;
+        if length > max_body_bytes {
+            return Err(BadRequest::BodyTooLarge);
+        }
+    }
+    Ok(())
+}
+
+/// Rows 1 to 14 of SPEC §3, in order.
+pub fn decide<'a>(router: &'a Router, stacks: &'a Stacks, parts: &'a Parts, now: Instant) -> Decision<'a> {
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
+    // Row 1.
+    let Some((route, path)) = router.find(host, parts.uri.path()) else {
+        return refuse(Reject::NoRoute, None, None, None);
+    };
+    let refuse_here = |reject| refuse(reject, Some(route), None, None);
+    if is_preflight(parts) {
+        return Decision::Preflight(route);
+    }
+    // Row 2.
+    if !route.kind.allows_method(&parts.method) {
+        return refuse_here(Reject::MethodNotAllowed);
+    }
+    // Row 3 (and the environment values for row 13, in the same pass).
+    let mut environments = Vec::new();
+    if let Some(query) = parts.uri.query() {
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            if let Some(param) = CREDENTIAL_PARAMS.iter().find(|p| key.eq_ignore_ascii_case(p)) {
+                return refuse_here(Reject::CredentialInQuery {
+                    param: (*param).to_owned(),
+                });
+            }
+            if key == "environment" {
+                environments.push(value.into_owned());
+            }
+        }
+    }
+    // Row 4.
+    if parts.headers.contains_key(http::header::AUTHORIZATION) || parts.headers.contains_key(AUTHTOKEN) {
+        return refuse_here(Reject::ManagementCredential);
+    }
+    // Row 5.
+    let api_key = if route.kind.api_key_in_path() {
+        api_key_from_path(path)
+    } else {
+        parts.headers.get(API_KEY).and_then(|v| v.to_str().ok())
+    };
+    let Some(stack) = api_key.and_then(|key| stacks.by_api_key(key.trim())) else {
+        return refuse_here(Reject::UnknownStack);
+    };
+    let refuse_stack = |reject, token: Option<&Arc<Token>>| {
+        refuse(reject, Some(route), Some(stack), token.map(|t| Arc::clone(&t.uid)))
+    };
+    // Rows 6 and 7.
+    let view = stack.load();
+    let Some(view) = view.as_ref() else {
+        return refuse_stack(Reject::RegistryUnavailable, None);
+    };
+    if view.fresh_until.is_some_and(|until| now >= until) {
+        return refuse_stack(Reject::RegistryStale, None);
+    }
+    let registry = &view.registry;
+    let access = credential(&parts.headers, &ACCESS_TOKEN);
+    let preview = credential(&parts.headers, &PREVIEW_TOKEN);
+    let lookup = |value: &[u8]| registry.lookup(&Digest::of(value));
+
+    let (token, session) = if route.kind.is_preview() {
+        let by_preview = preview.map(lookup);
+        let by_access = access.map(lookup);
+        // Row 9.
+        if matches!(by_preview, Some(Lookup::Revoked(_))) {
+            return refuse_stack(Reject::TokenRevoked { field: "preview_token" }, None);
+        }
+        if matches!(by_access, Some(Lookup::Revoked(_))) {
+            return refuse_stack(Reject::TokenRevoked { field: "access_token" }, None);
+        }
+        // Row 11: only a preview token's value will do.
+        let Some(Lookup::Live(token, TokenKind::Preview)) = by_preview else {
+            return refuse_stack(Reject::InvalidPreviewToken, None);
+        };
+        // Row 12: an access_token beside it must be its own delivery token.
+        if let Some(by_access) = by_access {
+            let own = matches!(by_access, Lookup::Live(t, TokenKind::Delivery) if t.uid == token.uid);
+            if !own {
+                return refuse_stack(Reject::TokenMismatch, Some(token));
+            }
+        }
+        (token, SessionKind::Preview)
+    } else {
+        // Row 8 (a preview_token beside an access_token plays no part).
+        let by_access = access.map(lookup);
+        let preview_value = matches!(
+            by_access,
+            Some(Lookup::Live(_, TokenKind::Preview) | Lookup::Revoked(TokenKind::Preview))
+        );
+        if (access.is_none() && preview.is_some()) || preview_value {
+            return refuse_stack(Reject::PreviewTokenOnDelivery, None);
+        }
+        match by_access {
+            // Row 9.
+            Some(Lookup::Revoked(_)) => {
+                return refuse_stack(Reject::TokenRevoked { field: "access_token" }, None);
+            }
+            Some(Lookup::Live(token, TokenKind::Delivery)) => (token, SessionKind::Delivery),
+            // Row 10.
+            _ => return refuse_stack(Reject::InvalidToken, None),
+        }
+    };
+    // Row 13.
+    if environments.iter().any(|env| !token.scope.allows_environment(env)) {
+        return refuse_stack(Reject::EnvironmentOutOfScope, Some(token));
+    }
+    // Row 14.
+    let branch = match parts.headers.get(BRANCH) {
+        None => DEFAULT_BRANCH.to_owned(),
+        Some(value) => String::from_utf8_lossy(value.as_bytes()).trim().to_owned(),
+    };
+    if !token.scope.allows_branch(&branch) {
+        return refuse_stack(Reject::BranchOutOfScope { branch }, Some(token));
+    }
+    Decision::Forward(Permit {
+        route,
+        path,
+        stack,
+        token: Arc::clone(token),
+        session,
+        environments,
+        branch,
+    })
+}
+
+fn refuse<'a>(
+    reject: Reject,
+    route: Option<&'a Route>,
+    stack: Option<&'a Arc<StackRegistry>>,
+    token: Option<Arc<str>>,
+) -> Decision<'a> {
+    Decision::Refuse(Refusal {
+        reject,
+        route,
+        stack,
+        token,
+    })
+}
+
+/// A CORS preflight: OPTIONS with `Origin` and `Access-Control-Request-Method`.
+pub fn is_preflight(parts: &Parts) -> bool {
+    parts.method == http::Method::OPTIONS
+        && parts.headers.contains_key(http::header::ORIGIN)
+        && parts.headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// A credential header's value; an empty one counts as absent.
+fn credential<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h [u8]> {
+    headers
+        .get(name)
+        .map(|v| v.as_bytes())
+        .filter(|v| !v.iter().all(u8::is_ascii_whitespace))
+}
+
+/// `blt123` from `/stacks/blt123` or `/stacks/blt123/...`.
+fn api_key_from_path(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/stacks/")?;
+    let key = rest.split(['/', '?']).next()?;
+    (!key.is_empty()).then_some(key)
+}
+
+#[cfg(test)]
+mod tests;

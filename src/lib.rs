@@ -1,0 +1,43 @@
+//! stackgate: an edge gateway for Contentstack's delivery, preview and GraphQL
+//! APIs. It resolves every request's token against a registry synced from the
+//! CMA, forwards only what the token's scope allows, and cuts off a token's
+//! live sessions the moment it is revoked.
+//!
+//! # Layout
+//! - [`config`]: the TOML file (SPEC §5), parsed then validated into checked types.
+//! - [`region`], [`route`]: Contentstack's hosts; matching a request to a route.
+//! - [`registry`]: tokens per stack, synced from the CMA or a file, snapshotted,
+//!   swapped whole, with a diff per change.
+//! - [`decision`]: the decision table of SPEC §3 as pure functions.
+//! - [`response`]: the one place a refusal becomes a response.
+//! - [`sessions`]: live sessions per token, and revocation.
+//! - [`proxy`]: the request path (check, decide, forward, stream back).
+//! - [`server`]: listeners, TLS, the per-connection task and its timeouts.
+//! - [`upstream`]: the pooled rustls client for upstreams and the CMA.
+//! - [`admin`]: health, readiness, metrics and the admin API.
+//! - [`metrics`]: the Prometheus metrics of SPEC §7.
+//! - [`app`]: wiring, background services and the shutdown tree.
+//! - [`demo`]: `stackgate demo`.
+//! - [`logging`]: text or JSON logs.
+//!
+//! A request's path through the code: `server::serve_connection` ->
+//! `proxy::handle` -> `decision::check_http` and `decision::decide` ->
+//! `sessions::Sessions::begin` -> upstream -> `proxy::Tracked` body.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod decision;
+pub mod demo;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod region;
+pub mod registry;
+pub mod response;
+pub mod route;
+pub mod server;
+pub mod sessions;
+pub mod upstream;
+
+pub use app::{Gateway, Shared};

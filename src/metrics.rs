@@ -1,0 +1,150 @@
+//! Prometheus metrics (SPEC §7), all prefixed `stackgate_`.
+//!
+//! The `token` label is always a token's uid, never its value; series of a
+//! token that is gone are removed with [`Metrics::forget_token`].
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, GaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::route::RouteKind;
+
+/// Values of the `outcome` label of `stackgate_requests_total`.
+pub const OUTCOMES: [&str; 3] = ["forwarded", "rejected", "upstream_error"];
+/// The `stack` label when a request names no configured stack.
+pub const NO_STACK: &str = "";
+/// The `token` label when no token was identified.
+pub const NO_TOKEN: &str = "";
+
+/// Every metric the gateway exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub rejections: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub request_duration: HistogramVec,
+    pub active_sessions: IntGaugeVec,
+    pub sessions_dropped: IntCounterVec,
+    pub revocation_seconds: Histogram,
+    pub registry_tokens: IntGaugeVec,
+    pub registry_version: IntGaugeVec,
+    pub registry_last_success: GaugeVec,
+    pub registry_sync_failures: IntCounterVec,
+    pub registry_held_back: IntGaugeVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const REVOCATION_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace("stackgate");
+        let hopts = |name: &str, help: &str, buckets: &[f64]| {
+            HistogramOpts::new(name, help)
+                .namespace("stackgate")
+                .buckets(buckets.to_vec())
+        };
+        let metrics = Metrics {
+            requests: IntCounterVec::new(
+                opts("requests_total", "Requests by stack, token uid, route kind and outcome."),
+                &["stack", "token", "route", "outcome"],
+            )?,
+            rejections: IntCounterVec::new(
+                opts("rejections_total", "Requests refused by the gateway, by reason."),
+                &["stack", "reason"],
+            )?,
+            upstream_duration: HistogramVec::new(
+                hopts("upstream_duration_seconds", "Time from forwarding to the upstream's response head.", LATENCY_BUCKETS),
+                &["route"],
+            )?,
+            request_duration: HistogramVec::new(
+                hopts("request_duration_seconds", "Time from request head to response head.", LATENCY_BUCKETS),
+                &["route"],
+            )?,
+            active_sessions: IntGaugeVec::new(
+                opts("active_sessions", "Client connections on which a token is in use."),
+                &["stack", "token"],
+            )?,
+            sessions_dropped: IntCounterVec::new(
+                opts("sessions_dropped_total", "Sessions ended by the gateway, by cause."),
+                &["stack", "cause"],
+            )?,
+            revocation_seconds: Histogram::with_opts(hopts(
+                "revocation_seconds",
+                "From the registry learning of a revocation to the token's last session closed.",
+                REVOCATION_BUCKETS,
+            ))?,
+            registry_tokens: IntGaugeVec::new(opts("registry_tokens", "Tokens in the registry."), &["stack"])?,
+            registry_version: IntGaugeVec::new(opts("registry_version", "Registry version."), &["stack"])?,
+            registry_last_success: GaugeVec::new(
+                opts(
+                    "registry_last_success_timestamp_seconds",
+                    "Unix time of the last successful registry sync.",
+                ),
+                &["stack"],
+            )?,
+            registry_sync_failures: IntCounterVec::new(
+                opts("registry_sync_failures_total", "Failed registry syncs."),
+                &["stack"],
+            )?,
+            registry_held_back: IntGaugeVec::new(
+                opts("registry_held_back_removals", "Token removals held back by the mass-removal guard."),
+                &["stack"],
+            )?,
+            registry,
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+            Box::new(metrics.requests.clone()),
+            Box::new(metrics.rejections.clone()),
+            Box::new(metrics.upstream_duration.clone()),
+            Box::new(metrics.request_duration.clone()),
+            Box::new(metrics.active_sessions.clone()),
+            Box::new(metrics.sessions_dropped.clone()),
+            Box::new(metrics.revocation_seconds.clone()),
+            Box::new(metrics.registry_tokens.clone()),
+            Box::new(metrics.registry_version.clone()),
+            Box::new(metrics.registry_last_success.clone()),
+            Box::new(metrics.registry_sync_failures.clone()),
+            Box::new(metrics.registry_held_back.clone()),
+        ];
+        for collector in collectors {
+            metrics.registry.register(collector)?;
+        }
+        Ok(metrics)
+    }
+
+    /// Prepares the per-stack series so they show before the first event.
+    pub fn init_stack(&self, stack: &str) {
+        self.registry_sync_failures.with_label_values(&[stack]);
+        self.registry_held_back.with_label_values(&[stack]).set(0);
+        self.registry_tokens.with_label_values(&[stack]);
+        self.registry_version.with_label_values(&[stack]);
+        self.registry_last_success.with_label_values(&[stack]);
+    }
+
+    /// Removes every series labelled with a token that is gone.
+    pub fn forget_token(&self, stack: &str, uid: &str) {
+        for route in RouteKind::ALL {
+            for outcome in OUTCOMES {
+                let _ = self.requests.remove_label_values(&[stack, uid, route.name(), outcome]);
+            }
+        }
+        let _ = self.active_sessions.remove_label_values(&[stack, uid]);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let families = self.registry.gather();
+        if TextEncoder::new().encode(&families, &mut out).is_err() {
+            return String::new();
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,487 @@
+//! The registry model: tokens, their scopes, and the immutable per-stack
+//! [`Registry`] that every decision reads.
+//!
+//! Token values never live here: only their SHA-256 [`Digest`]s. A registry is
+//! built whole and never mutated; a change produces a new one (see
+//! [`Registry::next`]) together with the [`Diff`] that revocation acts on.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::diff::Diff;
+
+/// How long a removed token's digest is remembered, so that it is answered
+/// `token_revoked` rather than `invalid_token`.
+pub const REVOKED_MEMORY_SECS: u64 = 7 * 24 * 3600;
+/// At most this many revoked digests are remembered per stack (oldest go first).
+pub const REVOKED_MEMORY_MAX: usize = 100_000;
+
+/// The SHA-256 digest of a token value. Equality is constant-time.
+#[derive(Clone, Copy, Eq)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The digest of a presented or listed token value.
+    pub fn of(secret: &[u8]) -> Digest {
+        Digest(Sha256::digest(secret).into())
+    }
+
+    /// Lower-case hex, for the snapshot file.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(text: &str) -> Option<Digest> {
+        if text.len() != 64 || !text.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Digest(out))
+    }
+}
+
+impl PartialEq for Digest {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Hash for Digest {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already uniformly distributed; eight bytes are plenty for a bucket.
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(head));
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({:02x}{:02x}..)", self.0[0], self.0[1])
+    }
+}
+
+/// A hasher that passes a [`Digest`]'s leading eight bytes through.
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A map keyed by digests. Keys come from the registry, never from clients,
+/// so the pass-through hash cannot be flooded.
+pub type DigestMap<V> = HashMap<Digest, V, BuildHasherDefault<DigestHasher>>;
+
+/// Which of a delivery token's two values a digest is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// The delivery token (`access_token`).
+    Delivery,
+    /// Its preview token (`preview_token`).
+    Preview,
+}
+
+/// A Contentstack environment, matched by name or uid.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Environment {
+    pub name: String,
+    pub uid: String,
+}
+
+/// What a delivery token may read (SPEC §3 rows 13 and 14).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scope {
+    /// The token's environment (one in practice; the CMA shape allows a list).
+    pub environments: Vec<Environment>,
+    /// The `branch` module's list, if the scope has that module.
+    pub branches: Option<Vec<String>>,
+    /// The `branch_alias` module's list, if the scope has that module.
+    pub aliases: Option<Vec<String>>,
+}
+
+/// The branch asked for when a request names none.
+pub const DEFAULT_BRANCH: &str = "main";
+/// The wildcard that allows every branch or alias.
+pub const ALL_BRANCHES: &str = "$all";
+
+impl Scope {
+    /// Whether `env`, as given in a request, is the name or uid of the token's environment.
+    pub fn allows_environment(&self, env: &str) -> bool {
+        self.environments.iter().any(|e| e.name == env || e.uid == env)
+    }
+
+    /// Whether the token may read `branch` (a branch name or an alias).
+    pub fn allows_branch(&self, branch: &str) -> bool {
+        if self.branches.is_none() && self.aliases.is_none() {
+            return branch == DEFAULT_BRANCH;
+        }
+        self.branch_names()
+            .any(|name| name == ALL_BRANCHES || name == branch)
+    }
+
+    fn branch_names(&self) -> impl Iterator<Item = &str> {
+        self.branches
+            .iter()
+            .chain(self.aliases.iter())
+            .flatten()
+            .map(String::as_str)
+    }
+
+    fn allows_all_branches(&self) -> bool {
+        self.branch_names().any(|name| name == ALL_BRANCHES)
+    }
+
+    /// Whether this scope still allows everything `older` allowed.
+    pub fn covers(&self, older: &Scope) -> bool {
+        let environments = older.environments.iter().all(|e| {
+            self.environments
+                .iter()
+                .any(|n| n.uid == e.uid && n.name == e.name)
+        });
+        let branches = if self.allows_all_branches() {
+            true
+        } else if older.allows_all_branches() {
+            false
+        } else if older.branches.is_none() && older.aliases.is_none() {
+            self.allows_branch(DEFAULT_BRANCH)
+        } else {
+            older.branch_names().all(|name| self.allows_branch(name))
+        };
+        environments && branches
+    }
+}
+
+/// A delivery token as the registry knows it: everything but its values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub uid: Arc<str>,
+    pub name: String,
+    pub scope: Scope,
+    /// Digest of the delivery token value.
+    pub delivery: Digest,
+    /// Digest of the preview token value, if the token has one.
+    pub preview: Option<Digest>,
+}
+
+/// A digest that used to be valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub uid: Arc<str>,
+    pub kind: TokenKind,
+    /// Unix seconds when the registry learned of it.
+    pub at: u64,
+}
+
+/// What a presented token value is, according to the registry.
+#[derive(Debug, Clone, Copy)]
+pub enum Lookup<'a> {
+    /// A listed, unrevoked token; the value is its `kind` value.
+    Live(&'a Arc<Token>, TokenKind),
+    /// A value that was valid once and is revoked now.
+    Revoked(TokenKind),
+    /// Never seen (or forgotten).
+    Unknown,
+}
+
+/// One stack's tokens at one version. Immutable; swapped whole.
+#[derive(Debug, Default)]
+pub struct Registry {
+    version: u64,
+    tokens: HashMap<Arc<str>, Arc<Token>>,
+    live: DigestMap<(Arc<Token>, TokenKind)>,
+    revoked: DigestMap<Revoked>,
+    admin_revoked: BTreeSet<Arc<str>>,
+}
+
+impl Registry {
+    /// Builds a registry from its parts (used by snapshots and [`Registry::next`]).
+    pub fn from_parts(
+        version: u64,
+        tokens: Vec<Token>,
+        revoked: DigestMap<Revoked>,
+        admin_revoked: BTreeSet<Arc<str>>,
+    ) -> Registry {
+        let mut by_uid = HashMap::with_capacity(tokens.len());
+        let mut live = DigestMap::default();
+        live.reserve(tokens.len() * 2);
+        for token in tokens {
+            let token = Arc::new(token);
+            live.insert(token.delivery, (Arc::clone(&token), TokenKind::Delivery));
+            if let Some(preview) = token.preview {
+                live.insert(preview, (Arc::clone(&token), TokenKind::Preview));
+            }
+            by_uid.insert(Arc::clone(&token.uid), token);
+        }
+        Registry {
+            version,
+            tokens: by_uid,
+            live,
+            revoked,
+            admin_revoked,
+        }
+    }
+
+    /// Increases with every change; 0 for a registry that never loaded.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// How many tokens are listed.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether no token is listed.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// A listed token by uid.
+    pub fn get(&self, uid: &str) -> Option<&Arc<Token>> {
+        self.tokens.get(uid)
+    }
+
+    /// Every listed token, in no particular order.
+    pub fn tokens(&self) -> impl Iterator<Item = &Arc<Token>> {
+        self.tokens.values()
+    }
+
+    /// Remembered revoked digests.
+    pub fn revoked(&self) -> &DigestMap<Revoked> {
+        &self.revoked
+    }
+
+    /// Uids revoked through the admin API.
+    pub fn admin_revoked(&self) -> &BTreeSet<Arc<str>> {
+        &self.admin_revoked
+    }
+
+    /// Whether the admin API revoked this uid.
+    pub fn is_admin_revoked(&self, uid: &str) -> bool {
+        self.admin_revoked.contains(uid)
+    }
+
+    /// Looks up a presented token value by its digest.
+    pub fn lookup(&self, digest: &Digest) -> Lookup<'_> {
+        if let Some((token, kind)) = self.live.get(digest) {
+            if self.admin_revoked.contains(&token.uid) {
+                return Lookup::Revoked(*kind);
+            }
+            return Lookup::Live(token, *kind);
+        }
+        match self.revoked.get(digest) {
+            Some(revoked) => Lookup::Revoked(revoked.kind),
+            None => Lookup::Unknown,
+        }
+    }
+
+    /// The registry after a sync listed `tokens`, and what changed. Digests
+    /// that stop being valid are remembered as revoked; `now` is unix seconds.
+    /// Returns `None` when nothing changed.
+    pub fn next(&self, tokens: Vec<Token>, now: u64) -> Option<(Registry, Diff)> {
+        let diff = Diff::between(self, &tokens);
+        if diff.is_empty() {
+            return None;
+        }
+        let mut revoked = self.revoked.clone();
+        let listed: DigestMap<()> = tokens
+            .iter()
+            .flat_map(|t| std::iter::once(t.delivery).chain(t.preview))
+            .map(|d| (d, ()))
+            .collect();
+        for old in self.tokens.values() {
+            let values = [(Some(old.delivery), TokenKind::Delivery), (old.preview, TokenKind::Preview)];
+            for (digest, kind) in values {
+                if let Some(digest) = digest.filter(|d| !listed.contains_key(d)) {
+                    let uid = Arc::clone(&old.uid);
+                    revoked.insert(digest, Revoked { uid, kind, at: now });
+                }
+            }
+        }
+        revoked.retain(|digest, _| !listed.contains_key(digest));
+        prune_revoked(&mut revoked, now);
+        let next = Registry::from_parts(self.version + 1, tokens, revoked, self.admin_revoked.clone());
+        Some((next, diff))
+    }
+
+    /// The registry with `uid`'s admin revocation set (`revoked = true`) or lifted.
+    /// `None` when that is already the state.
+    pub fn with_admin_revocation(&self, uid: &str, revoked: bool) -> Option<Registry> {
+        if self.admin_revoked.contains(uid) == revoked {
+            return None;
+        }
+        let mut admin_revoked = self.admin_revoked.clone();
+        if revoked {
+            admin_revoked.insert(Arc::from(uid));
+        } else {
+            admin_revoked.remove(uid);
+        }
+        let tokens = self.tokens.values().map(|t| Token::clone(t)).collect();
+        Some(Registry::from_parts(
+            self.version + 1,
+            tokens,
+            self.revoked.clone(),
+            admin_revoked,
+        ))
+    }
+}
+
+/// Forgets revoked digests past [`REVOKED_MEMORY_SECS`], then the oldest past
+/// [`REVOKED_MEMORY_MAX`].
+fn prune_revoked(revoked: &mut DigestMap<Revoked>, now: u64) {
+    revoked.retain(|_, r| now.saturating_sub(r.at) < REVOKED_MEMORY_SECS);
+    if revoked.len() > REVOKED_MEMORY_MAX {
+        let mut ages: Vec<u64> = revoked.values().map(|r| r.at).collect();
+        ages.sort_unstable();
+        let cutoff = ages[ages.len() - REVOKED_MEMORY_MAX];
+        revoked.retain(|_, r| r.at >= cutoff);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn token(uid: &str, value: &str, preview: Option<&str>) -> Token {
+        Token {
+            uid: Arc::from(uid),
+            name: format!("{uid} name"),
+            scope: Scope {
+                environments: vec![Environment {
+                    name: "production".into(),
+                    uid: "blt_env_prod".into(),
+                }],
+                branches: None,
+                aliases: None,
+            },
+            delivery: Digest::of(value.as_bytes()),
+            preview: preview.map(|p| Digest::of(p.as_bytes())),
+        }
+    }
+
+    fn scope(branches: Option<&[&str]>, aliases: Option<&[&str]>) -> Scope {
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        Scope {
+            environments: vec![],
+            branches: branches.map(list),
+            aliases: aliases.map(list),
+        }
+    }
+
+    #[test]
+    fn branch_rules() {
+        let none = scope(None, None);
+        assert!(none.allows_branch("main"));
+        assert!(!none.allows_branch("dev"));
+        let listed = scope(Some(&["main", "development"]), Some(&["deploy"]));
+        assert!(listed.allows_branch("development"));
+        assert!(listed.allows_branch("deploy"));
+        assert!(!listed.allows_branch("Deploy"), "names compare exactly");
+        assert!(!listed.allows_branch("release"));
+        assert!(scope(Some(&["$all"]), None).allows_branch("anything"));
+        assert!(scope(None, Some(&["$all"])).allows_branch("anything"));
+        let only_dev = scope(Some(&["dev"]), None);
+        assert!(!only_dev.allows_branch("main"), "a branch module without main excludes main");
+    }
+
+    #[test]
+    fn covers_detects_narrowing() {
+        let wide = scope(Some(&["main", "dev"]), None);
+        let narrow = scope(Some(&["main"]), None);
+        assert!(wide.covers(&narrow));
+        assert!(!narrow.covers(&wide));
+        assert!(scope(Some(&["$all"]), None).covers(&wide));
+        assert!(!wide.covers(&scope(Some(&["$all"]), None)));
+        assert!(wide.covers(&scope(None, None)));
+        assert!(!scope(Some(&["dev"]), None).covers(&scope(None, None)));
+        let mut moved = wide.clone();
+        let mut old_env = wide.clone();
+        old_env.environments.push(Environment { name: "production".into(), uid: "e1".into() });
+        moved.environments.push(Environment { name: "staging".into(), uid: "e2".into() });
+        assert!(!moved.covers(&old_env));
+    }
+
+    #[test]
+    fn lookups_tell_live_revoked_and_unknown_apart() {
+        let empty = Registry::default();
+        let (reg, diff) = empty
+            .next(vec![token("a", "tok-a", Some("prev-a")), token("b", "tok-b", None)], 100)
+            .unwrap();
+        assert_eq!(diff.added.len(), 2);
+        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Live(t, TokenKind::Delivery) if &*t.uid == "a"));
+        assert!(matches!(reg.lookup(&Digest::of(b"prev-a")), Lookup::Live(_, TokenKind::Preview)));
+        assert!(matches!(reg.lookup(&Digest::of(b"nope")), Lookup::Unknown));
+
+        // Token b deleted, a's preview token deleted alone.
+        let (reg2, diff) = reg.next(vec![token("a", "tok-a", None)], 200).unwrap();
+        assert_eq!(diff.removed, vec!["b".to_string()]);
+        assert_eq!(diff.preview_removed, vec!["a".to_string()]);
+        assert_eq!(reg2.version(), reg.version() + 1);
+        assert!(matches!(reg2.lookup(&Digest::of(b"tok-b")), Lookup::Revoked(TokenKind::Delivery)));
+        assert!(matches!(reg2.lookup(&Digest::of(b"prev-a")), Lookup::Revoked(TokenKind::Preview)));
+        assert!(matches!(reg2.lookup(&Digest::of(b"tok-a")), Lookup::Live(..)));
+
+        // Same list again: no change, no new version.
+        assert!(reg2.next(vec![token("a", "tok-a", None)], 300).is_none());
+
+        // Admin revocation hides a live token, lifting it restores it.
+        let revoked = reg2.with_admin_revocation("a", true).unwrap();
+        assert!(matches!(revoked.lookup(&Digest::of(b"tok-a")), Lookup::Revoked(TokenKind::Delivery)));
+        assert!(revoked.with_admin_revocation("a", true).is_none());
+        let lifted = revoked.with_admin_revocation("a", false).unwrap();
+        assert!(matches!(lifted.lookup(&Digest::of(b"tok-a")), Lookup::Live(..)));
+    }
+
+    #[test]
+    fn revoked_memory_is_bounded_in_time() {
+        let (reg, _) = Registry::default().next(vec![token("a", "tok-a", None)], 0).unwrap();
+        let (reg, _) = reg.next(vec![token("b", "tok-b", None)], 10).unwrap();
+        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Revoked(_)));
+        let later = 10 + REVOKED_MEMORY_SECS + 1;
+        let (reg, _) = reg.next(vec![token("c", "tok-c", None)], later).unwrap();
+        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Unknown));
+        assert!(matches!(reg.lookup(&Digest::of(b"tok-b")), Lookup::Revoked(_)));
+    }
+
+    #[test]
+    fn a_relisted_value_is_live_again() {
+        let (reg, _) = Registry::default().next(vec![token("a", "tok-a", None)], 0).unwrap();
+        let (reg, _) = reg.next(vec![], 1).unwrap();
+        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Revoked(_)));
+        let (reg, _) = reg.next(vec![token("a", "tok-a", None)], 2).unwrap();
+        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Live(..)));
+        assert!(reg.revoked().is_empty());
+    }
+
+    #[test]
+    fn digests_round_trip_through_hex() {
+        let d = Digest::of(b"value");
+        assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
+        assert_eq!(Digest::from_hex("zz"), None);
+        assert!(!format!("{d:?}").contains(&d.to_hex()));
+    }
+}

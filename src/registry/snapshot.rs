@@ -1,0 +1,253 @@
+//! The last good registry on disk, so that a restart with the CMA down still
+//! serves (and still refuses what was revoked).
+//!
+//! The file holds digests, never token values. It is written to a temporary
+//! file with mode 0600, synced, then renamed over the old one, so a reader
+//! sees the old snapshot or the new one and nothing in between.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{Digest, DigestMap, Registry, Revoked, Scope, Token, TokenKind};
+
+/// The snapshot format version this build writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// Why a snapshot could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a stackgate snapshot ({reason})")]
+    Format { path: PathBuf, reason: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct File {
+    format: u32,
+    stack: String,
+    version: u64,
+    /// Unix seconds of the sync this registry came from.
+    synced_at: u64,
+    tokens: Vec<FileToken>,
+    #[serde(default)]
+    revoked: Vec<FileRevoked>,
+    #[serde(default)]
+    admin_revoked: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileToken {
+    uid: String,
+    name: String,
+    scope: Scope,
+    delivery_sha256: String,
+    #[serde(default)]
+    preview_sha256: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileRevoked {
+    sha256: String,
+    uid: String,
+    kind: TokenKind,
+    at: u64,
+}
+
+/// A registry read back from disk, with when it was last synced.
+#[derive(Debug)]
+pub struct Loaded {
+    pub registry: Registry,
+    pub synced_at: SystemTime,
+}
+
+/// Writes `registry` for `stack` to `path` atomically with mode 0600.
+pub fn write(path: &Path, stack: &str, registry: &Registry, synced_at: SystemTime) -> Result<(), SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut tokens: Vec<FileToken> = registry
+        .tokens()
+        .map(|t| FileToken {
+            uid: t.uid.to_string(),
+            name: t.name.clone(),
+            scope: t.scope.clone(),
+            delivery_sha256: t.delivery.to_hex(),
+            preview_sha256: t.preview.map(|d| d.to_hex()),
+        })
+        .collect();
+    tokens.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let file = File {
+        format: FORMAT,
+        stack: stack.to_owned(),
+        version: registry.version(),
+        synced_at: unix_secs(synced_at),
+        tokens,
+        revoked: registry
+            .revoked()
+            .iter()
+            .map(|(digest, r)| FileRevoked {
+                sha256: digest.to_hex(),
+                uid: r.uid.to_string(),
+                kind: r.kind,
+                at: r.at,
+            })
+            .collect(),
+        admin_revoked: registry.admin_revoked().iter().map(|u| u.to_string()).collect(),
+    };
+    let body = serde_json::to_vec(&file).map_err(|err| SnapshotError::Format {
+        path: path.to_owned(),
+        reason: err.to_string(),
+    })?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut out = options.open(&tmp)?;
+        out.write_all(&body)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// Reads a snapshot written by [`write`] for `stack`. `Ok(None)` if there is none.
+pub fn read(path: &Path, stack: &str) -> Result<Option<Loaded>, SnapshotError> {
+    let body = match std::fs::read(path) {
+        Ok(body) => body,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(SnapshotError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let format = |reason: String| SnapshotError::Format {
+        path: path.to_owned(),
+        reason,
+    };
+    let file: File = serde_json::from_slice(&body).map_err(|err| format(format!("line {}", err.line())))?;
+    if file.format != FORMAT {
+        return Err(format(format!("format {} (expected {FORMAT})", file.format)));
+    }
+    if file.stack != stack {
+        return Err(format(format!("written for stack {:?}", file.stack)));
+    }
+    let digest = |hex: &str| Digest::from_hex(hex).ok_or_else(|| format("bad digest".to_owned()));
+    let tokens = file
+        .tokens
+        .into_iter()
+        .map(|t| {
+            Ok(Token {
+                uid: Arc::from(t.uid),
+                name: t.name,
+                scope: t.scope,
+                delivery: digest(&t.delivery_sha256)?,
+                preview: t.preview_sha256.as_deref().map(digest).transpose()?,
+            })
+        })
+        .collect::<Result<Vec<_>, SnapshotError>>()?;
+    let mut revoked = DigestMap::default();
+    for r in file.revoked {
+        revoked.insert(
+            digest(&r.sha256)?,
+            Revoked {
+                uid: Arc::from(r.uid),
+                kind: r.kind,
+                at: r.at,
+            },
+        );
+    }
+    let admin_revoked: BTreeSet<Arc<str>> = file.admin_revoked.into_iter().map(Arc::from).collect();
+    Ok(Some(Loaded {
+        registry: Registry::from_parts(file.version, tokens, revoked, admin_revoked),
+        synced_at: UNIX_EPOCH + Duration::from_secs(file.synced_at),
+    }))
+}
+
+/// Seconds since the Unix epoch (0 for times before it).
+pub fn unix_secs(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::model::{Environment, Lookup};
+
+    fn token(uid: &str, value: &str, preview: Option<&str>) -> Token {
+        Token {
+            uid: Arc::from(uid),
+            name: "n".into(),
+            scope: Scope {
+                environments: vec![Environment {
+                    name: "production".into(),
+                    uid: "e1".into(),
+                }],
+                branches: Some(vec!["main".into()]),
+                aliases: None,
+            },
+            delivery: Digest::of(value.as_bytes()),
+            preview: preview.map(|p| Digest::of(p.as_bytes())),
+        }
+    }
+
+    #[test]
+    fn round_trips_without_values_and_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/website.json");
+        let (reg, _) = Registry::default()
+            .next(vec![token("a", "secret-a", Some("secret-p")), token("b", "secret-b", None)], 5)
+            .unwrap();
+        let (reg, _) = reg.next(vec![token("a", "secret-a", Some("secret-p"))], 6).unwrap();
+        let reg = reg.with_admin_revocation("a", true).unwrap();
+        write(&path, "website", &reg, SystemTime::now()).unwrap();
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        for value in ["secret-a", "secret-b", "secret-p"] {
+            assert!(!text.contains(value));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+
+        let loaded = read(&path, "website").unwrap().unwrap();
+        assert_eq!(loaded.registry.version(), reg.version());
+        assert_eq!(loaded.registry.len(), 1);
+        assert!(loaded.registry.is_admin_revoked("a"));
+        assert!(matches!(loaded.registry.lookup(&Digest::of(b"secret-b")), Lookup::Revoked(_)));
+        assert!(matches!(loaded.registry.lookup(&Digest::of(b"secret-a")), Lookup::Revoked(_)));
+        assert!(read(&path, "other").is_err());
+        assert!(read(&dir.path().join("missing.json"), "website").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_is_an_error_not_a_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        std::fs::write(&path, b"{\"format\":1").unwrap();
+        assert!(matches!(read(&path, "s"), Err(SnapshotError::Format { .. })));
+    }
+}

@@ -1,0 +1,241 @@
+//! Where a stack's token list comes from: the CMA, or a file in the same shape.
+//!
+//! A fetch either returns the whole list or fails; it never returns part of
+//! one. Paging stops on a short page or when `count` is reached; a full page
+//! that adds no new uid means the CMA is looping, which is a failure, not the
+//! end of the list (ending there would drop every token after it).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER, USER_AGENT};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+
+use super::model::{Digest, Token};
+use super::parse::{parse_token_list, ParseError};
+use crate::config::{CmaAuth, Secret};
+use crate::upstream::HttpClient;
+
+/// Tokens asked for per page (the CMA's maximum).
+pub const PAGE_SIZE: usize = 100;
+/// More pages than this means something is wrong (a million tokens).
+pub const MAX_PAGES: usize = 10_000;
+/// Pause between pages, to stay inside the CMA's 10 GET/s per organization.
+pub const PAGE_SPACING: Duration = Duration::from_millis(110);
+/// How long one page may take, connect to last byte.
+pub const PAGE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Largest page body accepted.
+pub const MAX_PAGE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Why a fetch failed. Never contains a credential or a token value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    #[error("CMA unreachable: {0}")]
+    Connect(String),
+    #[error("CMA did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("CMA refused the credential or api_key (HTTP {0}); check credential_env and api_key")]
+    Credential(u16),
+    #[error("CMA rate limit reached (HTTP 429)")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("CMA answered HTTP {0}")]
+    Status(u16),
+    #[error("CMA answer unreadable: {0}")]
+    Body(String),
+    #[error("token list refused: {0}")]
+    Parse(#[from] ParseError),
+    #[error("CMA pagination {0}")]
+    Pagination(&'static str),
+    #[error("tokens file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+impl SyncError {
+    /// A short label for logs and for telling one kind of failure from the next.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SyncError::Connect(_) => "connect",
+            SyncError::Timeout(_) => "timeout",
+            SyncError::Credential(_) => "credential",
+            SyncError::RateLimited { .. } => "rate_limited",
+            SyncError::Status(_) => "status",
+            SyncError::Body(_) => "body",
+            SyncError::Parse(_) => "parse",
+            SyncError::Pagination(_) => "pagination",
+            SyncError::File { .. } => "file",
+        }
+    }
+}
+
+/// What a fetch found.
+pub enum Fetched {
+    /// The complete current list.
+    Tokens(Vec<Token>),
+    /// The source has not changed since the last fetch (files only).
+    Unchanged,
+}
+
+/// A stack's token source with what it remembers between fetches.
+pub enum Source {
+    Cma(Box<CmaClient>),
+    File(FileSource),
+}
+
+impl Source {
+    /// Fetches the whole list.
+    pub async fn fetch(&mut self) -> Result<Fetched, SyncError> {
+        match self {
+            Source::Cma(cma) => cma.fetch_all().await.map(Fetched::Tokens),
+            Source::File(file) => file.fetch().await,
+        }
+    }
+}
+
+/// Reads `GET /v3/stacks/delivery_tokens`.
+pub struct CmaClient {
+    pub http: HttpClient,
+    pub base: Uri,
+    pub api_key: String,
+    pub auth: CmaAuth,
+    pub credential: Secret,
+}
+
+impl CmaClient {
+    /// All pages, or an error.
+    pub async fn fetch_all(&self) -> Result<Vec<Token>, SyncError> {
+        let mut tokens: Vec<Token> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for page_index in 0..MAX_PAGES {
+            if page_index > 0 {
+                tokio::time::sleep(PAGE_SPACING).await;
+            }
+            let body = tokio::time::timeout(PAGE_TIMEOUT, self.page(tokens.len()))
+                .await
+                .map_err(|_| SyncError::Timeout(PAGE_TIMEOUT))??;
+            let page = parse_token_list(&body)?;
+            let full = page.tokens.len() >= PAGE_SIZE;
+            let before = tokens.len();
+            for token in page.tokens {
+                if seen.insert(token.uid.clone()) {
+                    tokens.push(token);
+                }
+            }
+            let added = tokens.len() - before;
+            if !full {
+                return Ok(tokens);
+            }
+            if added == 0 {
+                return Err(SyncError::Pagination("loops: a full page added no new token"));
+            }
+            if page.count.is_some_and(|count| tokens.len() as u64 >= count) {
+                return Ok(tokens);
+            }
+        }
+        Err(SyncError::Pagination("did not end"))
+    }
+
+    async fn page(&self, skip: usize) -> Result<Bytes, SyncError> {
+        let base = self.base.to_string();
+        let url = format!(
+            "{}/v3/stacks/delivery_tokens?skip={skip}&limit={PAGE_SIZE}&include_count=true",
+            base.trim_end_matches('/')
+        );
+        let credential = HeaderValue::from_str(&match self.auth {
+            CmaAuth::Authtoken => self.credential.expose().to_owned(),
+            CmaAuth::Bearer => format!("Bearer {}", self.credential.expose()),
+        })
+        .map_err(|_| SyncError::Credential(0))?;
+        let mut request = Request::get(url)
+            .header(ACCEPT, "application/json")
+            .header(USER_AGENT, concat!("stackgate/", env!("CARGO_PKG_VERSION")))
+            .header("api_key", &self.api_key)
+            .body(Full::new(Bytes::new()))
+            .map_err(|err| SyncError::Connect(err.to_string()))?;
+        let name = match self.auth {
+            CmaAuth::Authtoken => http::HeaderName::from_static("authtoken"),
+            CmaAuth::Bearer => AUTHORIZATION,
+        };
+        let mut credential = credential;
+        credential.set_sensitive(true);
+        request.headers_mut().insert(name, credential);
+
+        let response = self
+            .http
+            .request(request)
+            .await
+            .map_err(|err| SyncError::Connect(describe_client_error(&err)))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(match status {
+                StatusCode::TOO_MANY_REQUESTS => SyncError::RateLimited {
+                    retry_after: response
+                        .headers()
+                        .get(RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs),
+                },
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::PRECONDITION_FAILED => {
+                    SyncError::Credential(status.as_u16())
+                }
+                other => SyncError::Status(other.as_u16()),
+            });
+        }
+        Limited::new(response.into_body(), MAX_PAGE_BYTES)
+            .collect()
+            .await
+            .map(|body| body.to_bytes())
+            .map_err(|err| SyncError::Body(err.to_string()))
+    }
+}
+
+/// The error chain of a client failure, without URLs (which carry no secret,
+/// but keep log lines short).
+fn describe_client_error(err: &hyper_util::client::legacy::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// A tokens file, re-read when its size, mtime or content changes.
+pub struct FileSource {
+    pub path: PathBuf,
+    last: Option<(Option<SystemTime>, u64, Digest)>,
+}
+
+impl FileSource {
+    /// A source that reads `path` on its first fetch.
+    pub fn new(path: PathBuf) -> Self {
+        FileSource { path, last: None }
+    }
+
+    async fn fetch(&mut self) -> Result<Fetched, SyncError> {
+        let error = |reason: String| SyncError::File {
+            path: self.path.display().to_string(),
+            reason,
+        };
+        let meta = tokio::fs::metadata(&self.path).await.map_err(|e| error(e.to_string()))?;
+        let stamp = (meta.modified().ok(), meta.len());
+        if let Some((mtime, len, _)) = &self.last {
+            if (*mtime, *len) == stamp {
+                return Ok(Fetched::Unchanged);
+            }
+        }
+        let body = tokio::fs::read(&self.path).await.map_err(|e| error(e.to_string()))?;
+        let digest = Digest::of(&body);
+        if self.last.as_ref().is_some_and(|(_, _, d)| *d == digest) {
+            self.last = Some((stamp.0, stamp.1, digest));
+            return Ok(Fetched::Unchanged);
+        }
+        let page = parse_token_list(&body)?;
+        self.last = Some((stamp.0, stamp.1, digest));
+        Ok(Fetched::Tokens(page.tokens))
+    }
+}

@@ -1,0 +1,252 @@
+//! The one place that turns a [`Reject`] into an HTTP response: status,
+//! Contentstack error body, `x-stackgate-reason`, and the rate-limit headers.
+//! Bodies name the field at fault but never echo a credential.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+
+use crate::decision::{BadRequest, Reject};
+
+/// The body type every response of the gateway has.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+/// Errors inside response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The header naming why the gateway refused a request.
+pub const REASON_HEADER: &str = "x-stackgate-reason";
+/// Contentstack's message for a bad delivery or preview token.
+pub const NOT_LOGGED_IN: &str = "You're not allowed in here unless you're logged in.";
+
+/// A body holding `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// Status, `error_code`, `error_message` and `errors` for a rejection.
+fn describe(reject: &Reject) -> (StatusCode, u32, String, serde_json::Value) {
+    use Reject::*;
+    let invalid = |field: &str| json!({ field: ["is not valid."] });
+    let (status, code, message, errors) = match reject {
+        NoRoute => (
+            StatusCode::MISDIRECTED_REQUEST,
+            None,
+            "This gateway serves no route for this host and path.".to_owned(),
+            json!({ "host": ["is not served by this gateway."] }),
+        ),
+        MethodNotAllowed => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            None,
+            "This method is not allowed on this route.".to_owned(),
+            json!({ "method": ["is not allowed."] }),
+        ),
+        CredentialInQuery { param } => (
+            StatusCode::BAD_REQUEST,
+            None,
+            "Credentials must be sent as headers, not in the query string.".to_owned(),
+            json!({ param.as_str(): ["is not allowed in the query string."] }),
+        ),
+        ManagementCredential => (
+            StatusCode::FORBIDDEN,
+            None,
+            "Management and user credentials are not accepted by this gateway.".to_owned(),
+            json!({ "authorization": ["is not allowed."] }),
+        ),
+        UnknownStack => (
+            StatusCode::PRECONDITION_FAILED,
+            Some(109),
+            "Api key is not valid.".to_owned(),
+            invalid("api_key"),
+        ),
+        RegistryUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "The token registry for this stack has not loaded yet. Please retry shortly.".to_owned(),
+            json!({}),
+        ),
+        RegistryStale => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "The token registry for this stack is out of date. Please retry shortly.".to_owned(),
+            json!({}),
+        ),
+        PreviewTokenOnDelivery => (
+            StatusCode::FORBIDDEN,
+            None,
+            "A preview token works on preview hosts only.".to_owned(),
+            json!({ "preview_token": ["is not allowed on this host."] }),
+        ),
+        TokenRevoked { field } => (StatusCode::UNAUTHORIZED, Some(105), NOT_LOGGED_IN.to_owned(), invalid(field)),
+        InvalidToken => (StatusCode::UNAUTHORIZED, Some(105), NOT_LOGGED_IN.to_owned(), invalid("access_token")),
+        InvalidPreviewToken => (StatusCode::UNAUTHORIZED, Some(105), NOT_LOGGED_IN.to_owned(), invalid("preview_token")),
+        TokenMismatch => (
+            StatusCode::UNAUTHORIZED,
+            Some(105),
+            NOT_LOGGED_IN.to_owned(),
+            json!({ "access_token": ["does not belong to the preview token."] }),
+        ),
+        EnvironmentOutOfScope => (
+            StatusCode::FORBIDDEN,
+            None,
+            "Access denied. The token is not allowed on this environment.".to_owned(),
+            invalid("environment"),
+        ),
+        BranchOutOfScope { branch } => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some(901),
+            format!("Access denied. You have insufficient permissions to perform operation on this branch '{branch}'."),
+            invalid("branch"),
+        ),
+        RateLimited { .. } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            None,
+            "Too many requests. Please retry after the time in Retry-After.".to_owned(),
+            json!({}),
+        ),
+        BadRequest(kind) => {
+            let (status, message) = match kind {
+                self::BadRequest::HeadTooLarge => (
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "The request head is larger than 16 KiB.",
+                ),
+                self::BadRequest::UrlTooLong => (StatusCode::URI_TOO_LONG, "The URL is longer than 8 KiB."),
+                self::BadRequest::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "The request body is too large."),
+                self::BadRequest::Malformed => (StatusCode::BAD_REQUEST, "The request is malformed."),
+            };
+            (status, None, message.to_owned(), json!({}))
+        }
+        UpstreamError => (
+            StatusCode::BAD_GATEWAY,
+            None,
+            "The upstream could not be reached or failed to answer.".to_owned(),
+            json!({}),
+        ),
+        UpstreamTimeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            None,
+            "The upstream did not answer in time.".to_owned(),
+            json!({}),
+        ),
+    };
+    let code = code.unwrap_or(u32::from(status.as_u16()));
+    (status, code, message, errors)
+}
+
+/// The status a rejection is answered with.
+pub fn status_of(reject: &Reject) -> StatusCode {
+    describe(reject).0
+}
+
+/// The response for a rejection.
+pub fn rejection(reject: &Reject) -> Response<Body> {
+    let (status, code, message, errors) = describe(reject);
+    let body = json!({
+        "error_message": message,
+        "error_code": code,
+        "errors": errors,
+    });
+    let mut response = Response::new(full(body.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(REASON_HEADER, HeaderValue::from_static(reject.reason()));
+    match reject {
+        Reject::RateLimited {
+            limit,
+            remaining,
+            retry_after_secs,
+        } => {
+            headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            headers.insert("x-ratelimit-limit", HeaderValue::from(*limit));
+            headers.insert("x-ratelimit-remaining", HeaderValue::from(*remaining));
+        }
+        Reject::MethodNotAllowed => {}
+        Reject::BadRequest(BadRequest::Malformed) => {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        _ => {}
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_json(response: Response<Body>) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn contentstack_shapes_for_the_coded_rows() {
+        let r = rejection(&Reject::InvalidToken);
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers()[REASON_HEADER], "invalid_token");
+        let body = body_json(r).await;
+        assert_eq!(body["error_code"], 105);
+        assert_eq!(body["error_message"], NOT_LOGGED_IN);
+        assert_eq!(body["errors"]["access_token"][0], "is not valid.");
+
+        let body = body_json(rejection(&Reject::UnknownStack)).await;
+        assert_eq!(body["error_code"], 109);
+        assert_eq!(body["errors"]["api_key"][0], "is not valid.");
+
+        let r = rejection(&Reject::BranchOutOfScope { branch: "dev".into() });
+        assert_eq!(r.status(), 422);
+        let body = body_json(r).await;
+        assert_eq!(body["error_code"], 901);
+        assert_eq!(
+            body["error_message"],
+            "Access denied. You have insufficient permissions to perform operation on this branch 'dev'."
+        );
+    }
+
+    #[tokio::test]
+    async fn uncoded_rows_use_the_status_as_code() {
+        for (reject, status) in [
+            (Reject::NoRoute, 421),
+            (Reject::MethodNotAllowed, 405),
+            (Reject::CredentialInQuery { param: "api_key".into() }, 400),
+            (Reject::ManagementCredential, 403),
+            (Reject::RegistryUnavailable, 503),
+            (Reject::RegistryStale, 503),
+            (Reject::PreviewTokenOnDelivery, 403),
+            (Reject::EnvironmentOutOfScope, 403),
+            (Reject::BadRequest(BadRequest::HeadTooLarge), 431),
+            (Reject::BadRequest(BadRequest::UrlTooLong), 414),
+            (Reject::BadRequest(BadRequest::BodyTooLarge), 413),
+            (Reject::BadRequest(BadRequest::Malformed), 400),
+            (Reject::UpstreamError, 502),
+            (Reject::UpstreamTimeout, 504),
+        ] {
+            let r = rejection(&reject);
+            assert_eq!(r.status(), status, "{reject:?}");
+            assert_eq!(r.headers()[REASON_HEADER], reject.reason());
+            let body = body_json(r).await;
+            assert_eq!(body["error_code"], status, "{reject:?}");
+            assert!(body["error_message"].is_string());
+            assert!(body["errors"].is_object());
+        }
+    }
+
+    #[test]
+    fn rate_limits_carry_their_headers() {
+        let r = rejection(&Reject::RateLimited {
+            limit: 200,
+            remaining: 0,
+            retry_after_secs: 2,
+        });
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "2");
+        assert_eq!(r.headers()["x-ratelimit-limit"], "200");
+        assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
+    }
+}

@@ -1,0 +1,462 @@
+//! Live sessions, and ending them when a token is revoked (SPEC §4).
+//!
+//! A session is a client connection on which a token was used, together with
+//! that token's requests in flight on it. Every session and every request in
+//! flight has a [`CancellationToken`] and is removed from the map by a `Drop`
+//! guard. Revocation cancels the matching tokens:
+//!
+//! - on HTTP/1.1 a session's token *is* its connection's token, so cancelling
+//!   it closes the connection (idle keep-alive ones included) and cuts off any
+//!   response mid-body;
+//! - on HTTP/2 a session has its own token, and each stream a child of it, so
+//!   only that token's streams are reset and the connection lives on.
+//!
+//! Revocation latency is measured from when the registry learned of the change
+//! to when the last cancelled session or stream was actually dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::decision::{Permit, SessionKind};
+use crate::metrics::Metrics;
+use crate::registry::{Change, Token};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TokenKey {
+    stack: usize,
+    uid: Arc<str>,
+}
+
+/// What a request read: revocation by narrowing compares this with the new scope.
+#[derive(Debug, Clone)]
+struct Usage {
+    /// The `environment` values it gave; empty means the token's own.
+    environments: Vec<String>,
+    branch: String,
+    /// The token as it was when the request was allowed.
+    token: Arc<Token>,
+}
+
+impl Usage {
+    fn same_reach(&self, other: &Usage) -> bool {
+        self.environments == other.environments
+            && self.branch == other.branch
+            && self.token.scope.environments == other.token.scope.environments
+    }
+
+    /// Whether the token's scope now (`None`: deleted) still covers this use.
+    fn covered_by(&self, now: Option<&Token>) -> bool {
+        let Some(now) = now else {
+            return false;
+        };
+        let environments = if self.environments.is_empty() {
+            self.token
+                .scope
+                .environments
+                .iter()
+                .all(|old| now.scope.environments.contains(old))
+        } else {
+            self.environments.iter().all(|env| now.scope.allows_environment(env))
+        };
+        environments && now.scope.allows_branch(&self.branch)
+    }
+}
+
+struct InFlight {
+    usage: Usage,
+    cancel: CancellationToken,
+    tracker: Option<Arc<Tracker>>,
+}
+
+struct Session {
+    kind: SessionKind,
+    /// On HTTP/1.1 the connection's own token.
+    cancel: CancellationToken,
+    closes_connection: bool,
+    /// Distinct uses seen on an HTTP/1.1 session (a keep-alive connection
+    /// must close if any of them is no longer covered).
+    used: Vec<Usage>,
+    requests: HashMap<u64, InFlight>,
+    tracker: Option<Arc<Tracker>>,
+    /// An HTTP/2 session whose token was revoked: removed when its last
+    /// stream is, and never reused.
+    ended: bool,
+}
+
+/// Counts what one revocation cancelled down to zero, then records the latency.
+struct Tracker {
+    remaining: AtomicUsize,
+    learned_at: Instant,
+    metrics: Metrics,
+    done: watch::Sender<bool>,
+}
+
+impl Tracker {
+    fn finish_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let elapsed = self.learned_at.elapsed();
+            self.metrics.revocation_seconds.observe(elapsed.as_secs_f64());
+            self.done.send_replace(true);
+        }
+    }
+}
+
+/// Waits for the sessions one revocation cancelled to be gone.
+pub struct Revocation {
+    /// How many sessions (HTTP/1.1 connections) and streams were cancelled.
+    pub cancelled: usize,
+    done: watch::Receiver<bool>,
+}
+
+impl Revocation {
+    /// Resolves once every cancelled session and stream has closed.
+    pub async fn closed(mut self) {
+        let _ = self.done.wait_for(|done| *done).await;
+    }
+}
+
+/// Every live session, by token.
+pub struct Sessions {
+    by_token: DashMap<TokenKey, HashMap<u64, Session>>,
+    next_id: AtomicU64,
+    metrics: Metrics,
+    stack_names: Vec<Arc<str>>,
+}
+
+/// The sessions opened on one client connection. Dropping it (when the
+/// connection ends) removes them all.
+pub struct ConnSessions {
+    /// Cancelling this closes the connection.
+    pub cancel: CancellationToken,
+    sessions: Arc<Sessions>,
+    open: Mutex<HashMap<(TokenKey, SessionKind), u64>>,
+}
+
+/// One request in flight; dropping it (when its response body is finished or
+/// abandoned) removes it.
+pub struct RequestGuard {
+    sessions: Arc<Sessions>,
+    key: TokenKey,
+    session: u64,
+    request: u64,
+    /// Cancelled when the request must be aborted.
+    pub cancel: CancellationToken,
+}
+
+impl Sessions {
+    /// An empty map; `stack_names` label the metrics by stack index.
+    pub fn new(metrics: Metrics, stack_names: Vec<Arc<str>>) -> Arc<Sessions> {
+        Arc::new(Sessions {
+            by_token: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            metrics,
+            stack_names,
+        })
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn stack_name(&self, stack: usize) -> &str {
+        self.stack_names.get(stack).map_or("", |s| s)
+    }
+
+    /// The session registry for a new client connection.
+    pub fn connection(self: &Arc<Self>) -> ConnSessions {
+        ConnSessions {
+            cancel: CancellationToken::new(),
+            sessions: Arc::clone(self),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Live sessions of a token.
+    pub fn live(&self, stack: usize, uid: &str) -> usize {
+        let key = TokenKey {
+            stack,
+            uid: Arc::from(uid),
+        };
+        self.by_token.get(&key).map_or(0, |s| s.len())
+    }
+
+    /// All live sessions.
+    pub fn total(&self) -> usize {
+        self.by_token.iter().map(|e| e.len()).sum()
+    }
+
+    /// Registers a permitted request on `conn`. `http2` selects stream-level
+    /// cancellation instead of closing the connection.
+    pub fn begin(&self, conn: &ConnSessions, permit: &Permit<'_>, http2: bool) -> RequestGuard {
+        let key = TokenKey {
+            stack: permit.stack.index,
+            uid: Arc::clone(&permit.token.uid),
+        };
+        let usage = Usage {
+            environments: permit.environments.clone(),
+            branch: permit.branch.clone(),
+            token: Arc::clone(&permit.token),
+        };
+        let request = self.id();
+        let mut open = conn.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entry = self.by_token.entry(key.clone()).or_default();
+        let existing = open
+            .get(&(key.clone(), permit.session))
+            .copied()
+            .filter(|id| entry.get(id).is_some_and(|s| !s.ended));
+        let session_id = match existing {
+            Some(id) => id,
+            None => {
+                let id = self.id();
+                let cancel = if http2 {
+                    conn.cancel.child_token()
+                } else {
+                    conn.cancel.clone()
+                };
+                entry.insert(
+                    id,
+                    Session {
+                        kind: permit.session,
+                        cancel,
+                        closes_connection: !http2,
+                        used: Vec::new(),
+                        requests: HashMap::new(),
+                        tracker: None,
+                        ended: false,
+                    },
+                );
+                open.insert((key.clone(), permit.session), id);
+                id
+            }
+        };
+        self.publish(&key, &entry);
+        let cancel = match entry.get_mut(&session_id) {
+            Some(session) => {
+                if session.closes_connection && !session.used.iter().any(|u| u.same_reach(&usage)) {
+                    session.used.push(usage.clone());
+                }
+                let cancel = session.cancel.child_token();
+                session.requests.insert(
+                    request,
+                    InFlight {
+                        usage,
+                        cancel: cancel.clone(),
+                        tracker: None,
+                    },
+                );
+                cancel
+            }
+            // Inserted above under the same lock: cannot be missing.
+            None => conn.cancel.child_token(),
+        };
+        drop(entry);
+        drop(open);
+        RequestGuard {
+            sessions: Arc::clone(&conn.sessions),
+            key,
+            session: session_id,
+            request,
+            cancel,
+        }
+    }
+
+    /// Publishes a token's session count; called with its map entry locked,
+    /// so that concurrent changes publish in the order they happened.
+    /// Returns whether the entry is now empty and may be removed.
+    fn publish(&self, key: &TokenKey, sessions: &HashMap<u64, Session>) -> bool {
+        self.set_gauge(key, sessions.len());
+        sessions.is_empty()
+    }
+
+    /// Drops a token's entry once it holds no session.
+    fn remove_if_empty(&self, key: &TokenKey) {
+        self.by_token.remove_if(key, |_, sessions| sessions.is_empty());
+    }
+
+    fn set_gauge(&self, key: &TokenKey, count: usize) {
+        let stack = self.stack_name(key.stack);
+        if count == 0 {
+            let _ = self.metrics.active_sessions.remove_label_values(&[stack, &key.uid]);
+        } else {
+            self.metrics
+                .active_sessions
+                .with_label_values(&[stack, &key.uid])
+                .set(count as i64);
+        }
+    }
+
+    fn end_request(&self, key: &TokenKey, session: u64, request: u64) {
+        let mut tracker = None;
+        let mut empty = false;
+        if let Some(mut entry) = self.by_token.get_mut(key) {
+            if let Some(s) = entry.get_mut(&session) {
+                tracker = s.requests.remove(&request).and_then(|r| r.tracker);
+                if s.ended && s.requests.is_empty() {
+                    entry.remove(&session);
+                    empty = self.publish(key, &entry);
+                }
+            }
+        }
+        if empty {
+            self.remove_if_empty(key);
+        }
+        if let Some(tracker) = tracker {
+            tracker.finish_one();
+        }
+    }
+
+    fn close_session(&self, key: &TokenKey, session: u64) {
+        let mut empty = false;
+        let mut trackers = Vec::new();
+        if let Some(mut entry) = self.by_token.get_mut(key) {
+            if let Some(closed) = entry.remove(&session) {
+                trackers.extend(closed.tracker);
+                trackers.extend(closed.requests.into_values().filter_map(|r| r.tracker));
+                empty = self.publish(key, &entry);
+            }
+        }
+        if empty {
+            self.remove_if_empty(key);
+        }
+        for tracker in trackers {
+            tracker.finish_one();
+        }
+    }
+
+    /// Ends the sessions a registry change no longer allows. `admin` marks an
+    /// admin-API revocation (for the `cause` label).
+    pub fn revoke(&self, stack: usize, change: &Change, admin: bool) -> Revocation {
+        let (done_tx, done_rx) = watch::channel(false);
+        // Starts at one for this call, so that sessions closing while the
+        // loop below still runs cannot finish the measurement early.
+        let tracker = Arc::new(Tracker {
+            remaining: AtomicUsize::new(1),
+            learned_at: change.learned_at,
+            metrics: self.metrics.clone(),
+            done: done_tx,
+        });
+        let diff = &change.diff;
+        let whole = if admin { "admin_revoked" } else { "token_deleted" };
+        let mut cancelled = 0;
+        for uid in &diff.removed {
+            cancelled += self.end(stack, uid, whole, &tracker, &Ending::All);
+        }
+        for uid in &diff.rotated {
+            cancelled += self.end(stack, uid, "token_rotated", &tracker, &Ending::All);
+        }
+        for uid in &diff.preview_removed {
+            let ending = Ending::Kind(SessionKind::Preview);
+            cancelled += self.end(stack, uid, "preview_deleted", &tracker, &ending);
+        }
+        for uid in &diff.narrowed {
+            let ending = Ending::Uncovered(change.registry.get(uid).map(|t| Token::clone(t)));
+            cancelled += self.end(stack, uid, "scope_narrowed", &tracker, &ending);
+        }
+        tracker.finish_one();
+        Revocation {
+            cancelled,
+            done: done_rx,
+        }
+    }
+
+    /// Cancels the sessions of one token that `ending` hits. An HTTP/1.1
+    /// session is hit if any use seen on it is; HTTP/2 streams one by one.
+    fn end(&self, stack: usize, uid: &str, cause: &str, tracker: &Arc<Tracker>, ending: &Ending) -> usize {
+        let key = TokenKey {
+            stack,
+            uid: Arc::from(uid),
+        };
+        let mut cancelled = 0;
+        let mut empty = false;
+        if let Some(mut entry) = self.by_token.get_mut(&key) {
+            for session in entry.values_mut() {
+                let kind = session.kind;
+                if session.closes_connection {
+                    if session.tracker.is_none() && session.used.iter().any(|u| ending.hits(kind, u)) {
+                        tracker.remaining.fetch_add(1, Ordering::AcqRel);
+                        session.tracker = Some(Arc::clone(tracker));
+                        session.cancel.cancel();
+                        cancelled += 1;
+                    }
+                    continue;
+                }
+                for inflight in session.requests.values_mut() {
+                    if inflight.tracker.is_none() && ending.hits(kind, &inflight.usage) {
+                        tracker.remaining.fetch_add(1, Ordering::AcqRel);
+                        inflight.tracker = Some(Arc::clone(tracker));
+                        inflight.cancel.cancel();
+                        cancelled += 1;
+                    }
+                }
+                // The connection stays up for other tokens; this token's
+                // session on it ends once its cancelled streams are gone.
+                session.ended |= ending.ends_session(kind);
+            }
+            entry.retain(|_, s| !(s.ended && s.requests.is_empty()));
+            empty = self.publish(&key, &entry);
+        }
+        if empty {
+            self.remove_if_empty(&key);
+        }
+        if cancelled > 0 {
+            self.metrics
+                .sessions_dropped
+                .with_label_values(&[self.stack_name(stack), cause])
+                .inc_by(cancelled as u64);
+        }
+        cancelled
+    }
+}
+
+/// Which of a token's sessions a change ends.
+enum Ending {
+    /// Every session: the token is gone.
+    All,
+    /// Sessions of one kind: a preview token deleted alone.
+    Kind(SessionKind),
+    /// Uses the token's new scope (`None`: gone) no longer covers.
+    Uncovered(Option<Token>),
+}
+
+impl Ending {
+    fn hits(&self, kind: SessionKind, usage: &Usage) -> bool {
+        match self {
+            Ending::All => true,
+            Ending::Kind(k) => *k == kind,
+            Ending::Uncovered(now) => !usage.covered_by(now.as_ref()),
+        }
+    }
+
+    /// Whether a session of `kind` ends whatever it was used for.
+    fn ends_session(&self, kind: SessionKind) -> bool {
+        match self {
+            Ending::All => true,
+            Ending::Kind(k) => *k == kind,
+            Ending::Uncovered(now) => now.is_none(),
+        }
+    }
+}
+
+impl Drop for ConnSessions {
+    fn drop(&mut self) {
+        let open = std::mem::take(self.open.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for ((key, _kind), id) in open {
+            self.sessions.close_session(&key, id);
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.sessions.end_request(&self.key, self.session, self.request);
+    }
+}
+
+#[cfg(test)]
+mod tests;

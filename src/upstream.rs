@@ -1,0 +1,78 @@
+//! The pooled HTTP client used for upstreams and the CMA: HTTP/1.1 or h2 by
+//! ALPN, TLS by rustls with the web PKI roots plus an optional private CA.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+/// Idle upstream connections are closed after this long.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// At most this many idle connections are kept per upstream host.
+pub const POOL_MAX_IDLE_PER_HOST: usize = 256;
+
+/// The client type: request bodies are buffered (they are small: GraphQL
+/// queries under `max_body_bytes`); response bodies stream.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("upstream.ca_file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+}
+
+/// Builds the pooled client. `ca_file`'s certificates are trusted beside the web PKI roots.
+pub fn build_client(connect_timeout: Duration, ca_file: Option<&Path>) -> Result<HttpClient, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let ca_error = |reason: String| ClientError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|err| ca_error(err.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| ca_error(err.to_string()))?;
+        if certs.is_empty() {
+            return Err(ca_error("no certificates found".to_owned()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|err| ca_error(err.to_string()))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| ClientError::CaFile {
+            path: String::new(),
+            reason: err.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+        .build(https))
+}
