@@ -22,7 +22,12 @@ use crate::response::{self, Body};
 use crate::Shared;
 
 /// Serves the admin listener until shutdown.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -53,16 +58,26 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
 }
 
 /// Answers one admin request.
-pub async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     let response = match (&method, path.as_str()) {
-        (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render()),
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            shared.metrics.render(),
+        ),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
         (&Method::GET, "/readyz") => readyz(&shared),
         (_, p) if p.starts_with("/admin/") => {
             if !authorized(&shared, &request) {
-                return Ok(error(StatusCode::UNAUTHORIZED, "A valid admin bearer token is required."));
+                return Ok(error(
+                    StatusCode::UNAUTHORIZED,
+                    "A valid admin bearer token is required.",
+                ));
             }
             admin(&shared, &method, p, request.uri().query()).await
         }
@@ -84,17 +99,26 @@ fn authorized(shared: &Shared, request: &Request<Incoming>) -> bool {
     bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes()))
 }
 
-async fn admin(shared: &Shared, method: &Method, path: &str, query: Option<&str>) -> Response<Body> {
+async fn admin(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Response<Body> {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
     match (method, segments.as_slice()) {
         (&Method::POST, ["sync"]) => {
             let force = query.is_some_and(|q| {
-                form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "force" && (v == "true" || v == "1"))
+                form_urlencoded::parse(q.as_bytes())
+                    .any(|(k, v)| k == "force" && (v == "true" || v == "1"))
             });
             let mut stacks = BTreeMap::new();
             for stack in shared.stacks.iter() {
                 let report = shared.sync_stack(stack, force).await;
-                stacks.insert(stack.name.to_string(), serde_json::to_value(report).unwrap_or(Value::Null));
+                stacks.insert(
+                    stack.name.to_string(),
+                    serde_json::to_value(report).unwrap_or(Value::Null),
+                );
             }
             json_response(StatusCode::OK, &json!({ "stacks": stacks }))
         }
@@ -123,7 +147,10 @@ async fn set_revocation(shared: &Shared, uid: &str, revoked: bool) -> Response<B
         }
     }
     if found.is_empty() {
-        return error(StatusCode::NOT_FOUND, "No stack lists a token with this uid.");
+        return error(
+            StatusCode::NOT_FOUND,
+            "No stack lists a token with this uid.",
+        );
     }
     json_response(
         StatusCode::OK,
@@ -195,7 +222,10 @@ fn readyz(shared: &Shared) -> Response<Body> {
     if waiting.is_empty() {
         text(StatusCode::OK, "text/plain", "ready\n".to_owned())
     } else {
-        json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({ "ready": false, "waiting_for": waiting }))
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "ready": false, "waiting_for": waiting }),
+        )
     }
 }
 

@@ -73,13 +73,19 @@ impl Shared {
     /// Builds the shared state (no I/O but reading snapshots and TLS files).
     pub fn new(config: Config) -> Result<Arc<Shared>, StartError> {
         let metrics = Metrics::new()?;
-        let client = build_client(config.upstream.connect_timeout, config.upstream.ca_file.as_deref())?;
+        let client = build_client(
+            config.upstream.connect_timeout,
+            config.upstream.ca_file.as_deref(),
+        )?;
         let router = Router::new(&config.routes);
         let mut list = Vec::with_capacity(config.stacks.len());
         for (index, stack) in config.stacks.iter().enumerate() {
             let source = match &stack.registry.source {
                 SourceConfig::Cma {
-                    url, auth, credential, ..
+                    url,
+                    auth,
+                    credential,
+                    ..
                 } => Source::Cma(Box::new(CmaClient {
                     http: client.clone(),
                     base: url.clone(),
@@ -89,7 +95,13 @@ impl Shared {
                 })),
                 SourceConfig::File { path } => Source::File(FileSource::new(path.clone())),
             };
-            let registry = StackRegistry::new(index, &stack.name, &stack.api_key, stack.registry.clone(), source);
+            let registry = StackRegistry::new(
+                index,
+                &stack.name,
+                &stack.api_key,
+                stack.registry.clone(),
+                source,
+            );
             metrics.init_stack(&stack.name);
             match registry.load_snapshot() {
                 Ok(Some(count)) => {
@@ -128,7 +140,10 @@ impl Shared {
         let name = &*stack.name;
         let status = stack.status();
         if let Some(err) = &status.last_error {
-            self.metrics.registry_sync_failures.with_label_values(&[name]).inc();
+            self.metrics
+                .registry_sync_failures
+                .with_label_values(&[name])
+                .inc();
             // A bad credential fails every poll: say so once per streak.
             let first = status.consecutive_failures == 1;
             if first || !matches!(err, SyncError::Credential(_)) {
@@ -183,7 +198,10 @@ impl Shared {
 
 fn record_registry(metrics: &Metrics, stack: &StackRegistry, registry: &crate::registry::Registry) {
     let name = &*stack.name;
-    metrics.registry_tokens.with_label_values(&[name]).set(registry.len() as i64);
+    metrics
+        .registry_tokens
+        .with_label_values(&[name])
+        .set(registry.len() as i64);
     metrics
         .registry_version
         .with_label_values(&[name])
@@ -223,7 +241,9 @@ async fn sync_loop(shared: Arc<Shared>, stack: Arc<StackRegistry>, shutdown: Can
 /// to [`MAX_SYNC_BACKOFF`], ±20% jitter, never less than a `Retry-After`.
 pub fn backoff(interval: Duration, failures: u32, error: Option<&SyncError>) -> Duration {
     let exponent = failures.saturating_sub(1).min(16);
-    let base = interval.saturating_mul(1 << exponent).min(MAX_SYNC_BACKOFF.max(interval));
+    let base = interval
+        .saturating_mul(1 << exponent)
+        .min(MAX_SYNC_BACKOFF.max(interval));
     let jitter = 0.8 + rand::random::<f64>() * 0.4;
     let wait = base.mul_f64(jitter);
     match error {
@@ -267,7 +287,11 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
         for stack in shared.stacks.iter() {
-            tracker.spawn(sync_loop(Arc::clone(&shared), Arc::clone(stack), shutdown.clone()));
+            tracker.spawn(sync_loop(
+                Arc::clone(&shared),
+                Arc::clone(stack),
+                shutdown.clone(),
+            ));
         }
         if let Some(listener) = http {
             tracker.spawn(server::accept_loop(
@@ -290,8 +314,17 @@ impl Gateway {
                 tracker.clone(),
             ));
         }
-        tracker.spawn(crate::admin::serve(admin, Arc::clone(&shared), shutdown.clone(), tracker.clone()));
-        for (name, addr) in [("http", http_addr), ("https", https_addr), ("admin", Some(admin_addr))] {
+        tracker.spawn(crate::admin::serve(
+            admin,
+            Arc::clone(&shared),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        for (name, addr) in [
+            ("http", http_addr),
+            ("https", https_addr),
+            ("admin", Some(admin_addr)),
+        ] {
             if let Some(addr) = addr {
                 tracing::info!(listener = name, %addr, "listening");
             }
@@ -316,7 +349,9 @@ impl Gateway {
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.shutdown.cancel();
         self.tracker.close();
-        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
+        tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
     }
 
     /// Runs until SIGTERM or SIGINT, then drains: SIGTERM for `grace_period`,
@@ -365,5 +400,7 @@ async fn shutdown_signal() -> Signal {
 
 /// Seconds since `time`, for reports.
 pub fn age_secs(time: SystemTime) -> u64 {
-    SystemTime::now().duration_since(time).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(time)
+        .map_or(0, |d| d.as_secs())
 }

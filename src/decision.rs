@@ -29,7 +29,13 @@ pub const BRANCH: HeaderName = HeaderName::from_static("branch");
 pub const AUTHTOKEN: HeaderName = HeaderName::from_static("authtoken");
 
 /// Query parameters that must never carry credentials (row 3).
-const CREDENTIAL_PARAMS: [&str; 5] = ["api_key", "access_token", "preview_token", "authtoken", "authorization"];
+const CREDENTIAL_PARAMS: [&str; 5] = [
+    "api_key",
+    "access_token",
+    "preview_token",
+    "authtoken",
+    "authorization",
+];
 
 /// Largest request head accepted (row 16).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -41,19 +47,29 @@ pub const MAX_URL_BYTES: usize = 8 * 1024;
 pub enum Reject {
     NoRoute,
     MethodNotAllowed,
-    CredentialInQuery { param: String },
+    CredentialInQuery {
+        param: String,
+    },
     ManagementCredential,
     UnknownStack,
     RegistryUnavailable,
     RegistryStale,
     PreviewTokenOnDelivery,
-    TokenRevoked { field: &'static str },
+    TokenRevoked {
+        field: &'static str,
+    },
     InvalidToken,
     InvalidPreviewToken,
     TokenMismatch,
     EnvironmentOutOfScope,
-    BranchOutOfScope { branch: String },
-    RateLimited { limit: u32, remaining: u32, retry_after_secs: u64 },
+    BranchOutOfScope {
+        branch: String,
+    },
+    RateLimited {
+        limit: u32,
+        remaining: u32,
+        retry_after_secs: u64,
+    },
     BadRequest(BadRequest),
     UpstreamError,
     UpstreamTimeout,
@@ -195,12 +211,18 @@ pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> 
 }
 
 /// Rows 1 to 14 of SPEC §3, in order.
-pub fn decide<'a>(router: &'a Router, stacks: &'a Stacks, parts: &'a Parts, now: Instant) -> Decision<'a> {
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
+pub fn decide<'a>(
+    router: &'a Router,
+    stacks: &'a Stacks,
+    parts: &'a Parts,
+    now: Instant,
+) -> Decision<'a> {
+    let host = parts.uri.authority().map(|a| a.as_str()).or_else(|| {
+        parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
     // Row 1.
     let Some((route, path)) = router.find(host, parts.uri.path()) else {
         return refuse(Reject::NoRoute, None, None, None);
@@ -217,7 +239,10 @@ pub fn decide<'a>(router: &'a Router, stacks: &'a Stacks, parts: &'a Parts, now:
     let mut environments = Vec::new();
     if let Some(query) = parts.uri.query() {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            if let Some(param) = CREDENTIAL_PARAMS.iter().find(|p| key.eq_ignore_ascii_case(p)) {
+            if let Some(param) = CREDENTIAL_PARAMS
+                .iter()
+                .find(|p| key.eq_ignore_ascii_case(p))
+            {
                 return refuse_here(Reject::CredentialInQuery {
                     param: (*param).to_owned(),
                 });
@@ -228,7 +253,9 @@ pub fn decide<'a>(router: &'a Router, stacks: &'a Stacks, parts: &'a Parts, now:
         }
     }
     // Row 4.
-    if parts.headers.contains_key(http::header::AUTHORIZATION) || parts.headers.contains_key(AUTHTOKEN) {
+    if parts.headers.contains_key(http::header::AUTHORIZATION)
+        || parts.headers.contains_key(AUTHTOKEN)
+    {
         return refuse_here(Reject::ManagementCredential);
     }
     // Row 5.
@@ -241,7 +268,12 @@ pub fn decide<'a>(router: &'a Router, stacks: &'a Stacks, parts: &'a Parts, now:
         return refuse_here(Reject::UnknownStack);
     };
     let refuse_stack = |reject, token: Option<&Arc<Token>>| {
-        refuse(reject, Some(route), Some(stack), token.map(|t| Arc::clone(&t.uid)))
+        refuse(
+            reject,
+            Some(route),
+            Some(stack),
+            token.map(|t| Arc::clone(&t.uid)),
+        )
     };
     // Rows 6 and 7.
     let view = stack.load();
@@ -261,10 +293,20 @@ pub fn decide<'a>(router: &'a Router, stacks: &'a Stacks, parts: &'a Parts, now:
         let by_access = access.map(lookup);
         // Row 9.
         if matches!(by_preview, Some(Lookup::Revoked(_))) {
-            return refuse_stack(Reject::TokenRevoked { field: "preview_token" }, None);
+            return refuse_stack(
+                Reject::TokenRevoked {
+                    field: "preview_token",
+                },
+                None,
+            );
         }
         if matches!(by_access, Some(Lookup::Revoked(_))) {
-            return refuse_stack(Reject::TokenRevoked { field: "access_token" }, None);
+            return refuse_stack(
+                Reject::TokenRevoked {
+                    field: "access_token",
+                },
+                None,
+            );
         }
         // Row 11: only a preview token's value will do.
         let Some(Lookup::Live(token, TokenKind::Preview)) = by_preview else {
@@ -272,7 +314,8 @@ pub fn decide<'a>(router: &'a Router, stacks: &'a Stacks, parts: &'a Parts, now:
         };
         // Row 12: an access_token beside it must be its own delivery token.
         if let Some(by_access) = by_access {
-            let own = matches!(by_access, Lookup::Live(t, TokenKind::Delivery) if t.uid == token.uid);
+            let own =
+                matches!(by_access, Lookup::Live(t, TokenKind::Delivery) if t.uid == token.uid);
             if !own {
                 return refuse_stack(Reject::TokenMismatch, Some(token));
             }
@@ -291,7 +334,12 @@ pub fn decide<'a>(router: &'a Router, stacks: &'a Stacks, parts: &'a Parts, now:
         match by_access {
             // Row 9.
             Some(Lookup::Revoked(_)) => {
-                return refuse_stack(Reject::TokenRevoked { field: "access_token" }, None);
+                return refuse_stack(
+                    Reject::TokenRevoked {
+                        field: "access_token",
+                    },
+                    None,
+                );
             }
             Some(Lookup::Live(token, TokenKind::Delivery)) => (token, SessionKind::Delivery),
             // Row 10.
@@ -299,7 +347,10 @@ pub fn decide<'a>(router: &'a Router, stacks: &'a Stacks, parts: &'a Parts, now:
         }
     };
     // Row 13.
-    if environments.iter().any(|env| !token.scope.allows_environment(env)) {
+    if environments
+        .iter()
+        .any(|env| !token.scope.allows_environment(env))
+    {
         return refuse_stack(Reject::EnvironmentOutOfScope, Some(token));
     }
     // Row 14.
@@ -339,7 +390,9 @@ fn refuse<'a>(
 pub fn is_preflight(parts: &Parts) -> bool {
     parts.method == http::Method::OPTIONS
         && parts.headers.contains_key(http::header::ORIGIN)
-        && parts.headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+        && parts
+            .headers
+            .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 /// A credential header's value; an empty one counts as absent.

@@ -4,8 +4,8 @@
 //! token that is gone are removed with [`Metrics::forget_token`].
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, GaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::route::RouteKind;
@@ -38,7 +38,9 @@ pub struct Metrics {
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-const REVOCATION_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+const REVOCATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
 
 impl Metrics {
     /// Registers every metric in a fresh registry.
@@ -52,27 +54,47 @@ impl Metrics {
         };
         let metrics = Metrics {
             requests: IntCounterVec::new(
-                opts("requests_total", "Requests by stack, token uid, route kind and outcome."),
+                opts(
+                    "requests_total",
+                    "Requests by stack, token uid, route kind and outcome.",
+                ),
                 &["stack", "token", "route", "outcome"],
             )?,
             rejections: IntCounterVec::new(
-                opts("rejections_total", "Requests refused by the gateway, by reason."),
+                opts(
+                    "rejections_total",
+                    "Requests refused by the gateway, by reason.",
+                ),
                 &["stack", "reason"],
             )?,
             upstream_duration: HistogramVec::new(
-                hopts("upstream_duration_seconds", "Time from forwarding to the upstream's response head.", LATENCY_BUCKETS),
+                hopts(
+                    "upstream_duration_seconds",
+                    "Time from forwarding to the upstream's response head.",
+                    LATENCY_BUCKETS,
+                ),
                 &["route"],
             )?,
             request_duration: HistogramVec::new(
-                hopts("request_duration_seconds", "Time from request head to response head.", LATENCY_BUCKETS),
+                hopts(
+                    "request_duration_seconds",
+                    "Time from request head to response head.",
+                    LATENCY_BUCKETS,
+                ),
                 &["route"],
             )?,
             active_sessions: IntGaugeVec::new(
-                opts("active_sessions", "Client connections on which a token is in use."),
+                opts(
+                    "active_sessions",
+                    "Client connections on which a token is in use.",
+                ),
                 &["stack", "token"],
             )?,
             sessions_dropped: IntCounterVec::new(
-                opts("sessions_dropped_total", "Sessions ended by the gateway, by cause."),
+                opts(
+                    "sessions_dropped_total",
+                    "Sessions ended by the gateway, by cause.",
+                ),
                 &["stack", "cause"],
             )?,
             revocation_seconds: Histogram::with_opts(hopts(
@@ -80,8 +102,14 @@ impl Metrics {
                 "From the registry learning of a revocation to the token's last session closed.",
                 REVOCATION_BUCKETS,
             ))?,
-            registry_tokens: IntGaugeVec::new(opts("registry_tokens", "Tokens in the registry."), &["stack"])?,
-            registry_version: IntGaugeVec::new(opts("registry_version", "Registry version."), &["stack"])?,
+            registry_tokens: IntGaugeVec::new(
+                opts("registry_tokens", "Tokens in the registry."),
+                &["stack"],
+            )?,
+            registry_version: IntGaugeVec::new(
+                opts("registry_version", "Registry version."),
+                &["stack"],
+            )?,
             registry_last_success: GaugeVec::new(
                 opts(
                     "registry_last_success_timestamp_seconds",
@@ -94,7 +122,10 @@ impl Metrics {
                 &["stack"],
             )?,
             registry_held_back: IntGaugeVec::new(
-                opts("registry_held_back_removals", "Token removals held back by the mass-removal guard."),
+                opts(
+                    "registry_held_back_removals",
+                    "Token removals held back by the mass-removal guard.",
+                ),
                 &["stack"],
             )?,
             registry,
@@ -132,7 +163,9 @@ impl Metrics {
     pub fn forget_token(&self, stack: &str, uid: &str) {
         for route in RouteKind::ALL {
             for outcome in OUTCOMES {
-                let _ = self.requests.remove_label_values(&[stack, uid, route.name(), outcome]);
+                let _ = self
+                    .requests
+                    .remove_label_values(&[stack, uid, route.name(), outcome]);
             }
         }
         let _ = self.active_sessions.remove_label_values(&[stack, uid]);

@@ -22,7 +22,9 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::decision::{check_http, decide, BadRequest, Decision, Permit, Refusal, Reject, SessionKind, PREVIEW_TOKEN};
+use crate::decision::{
+    check_http, decide, BadRequest, Decision, Permit, Refusal, Reject, SessionKind, PREVIEW_TOKEN,
+};
 use crate::metrics::{NO_STACK, NO_TOKEN};
 use crate::response::{self, Body, BoxError};
 use crate::route::Route;
@@ -48,7 +50,8 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Headers a browser may read on a refusal.
-const EXPOSED_HEADERS: &str = "x-stackgate-reason, x-request-id, retry-after, x-ratelimit-limit, x-ratelimit-remaining";
+const EXPOSED_HEADERS: &str =
+    "x-stackgate-reason, x-request-id, retry-after, x-ratelimit-limit, x-ratelimit-remaining";
 
 /// Why a request was aborted without a response.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +65,11 @@ pub enum Aborted {
 /// Serves one request. An `Err` makes hyper reset the stream (HTTP/2) or
 /// close the connection (HTTP/1.1), which is how revocation cuts a request
 /// off before its response head.
-pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, request: Request<Incoming>) -> Result<Response<Body>, Aborted> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Aborted> {
     let started = Instant::now();
     let activity = conn.activity.begin(request.version() == Version::HTTP_2);
     let (mut parts, body) = request.into_parts();
@@ -86,7 +93,12 @@ async fn route_request(
     body: Incoming,
     started: Instant,
 ) -> Result<Response<Body>, Aborted> {
-    if let Err(bad) = check_http(parts, shared.config.server.max_body_bytes) {
+    let http = if conn.activity.smuggled() {
+        Err(BadRequest::Malformed)
+    } else {
+        check_http(parts, shared.config.server.max_body_bytes)
+    };
+    if let Err(bad) = http {
         let refusal = Refusal {
             reject: Reject::BadRequest(bad),
             route: None,
@@ -104,20 +116,33 @@ async fn route_request(
 
 /// The request id the client sent, or a new one.
 fn request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(&REQUEST_ID).filter(|v| !v.is_empty() && v.len() <= 200) {
+    if let Some(id) = headers
+        .get(&REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+    {
         return id.clone();
     }
     let id: u128 = rand::random();
-    let value = HeaderValue::from_str(&format!("{id:032x}")).unwrap_or_else(|_| HeaderValue::from_static("0"));
+    let value = HeaderValue::from_str(&format!("{id:032x}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"));
     headers.insert(REQUEST_ID, value.clone());
     value
 }
 
 fn log_id(parts: &Parts) -> &str {
-    parts.headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("")
+    parts
+        .headers
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
-fn refuse(shared: &Shared, parts: &Parts, refusal: Refusal<'_>, started: Instant) -> Response<Body> {
+fn refuse(
+    shared: &Shared,
+    parts: &Parts,
+    refusal: Refusal<'_>,
+    started: Instant,
+) -> Response<Body> {
     let Refusal {
         reject,
         route,
@@ -128,7 +153,10 @@ fn refuse(shared: &Shared, parts: &Parts, refusal: Refusal<'_>, started: Instant
     let token_uid = token.as_deref().unwrap_or(NO_TOKEN);
     let route_name = route.map_or("", |r| r.kind.name());
     let metrics = &shared.metrics;
-    metrics.rejections.with_label_values(&[stack_name, reject.reason()]).inc();
+    metrics
+        .rejections
+        .with_label_values(&[stack_name, reject.reason()])
+        .inc();
     let outcome = match reject {
         Reject::UpstreamError | Reject::UpstreamTimeout => "upstream_error",
         _ => "rejected",
@@ -158,7 +186,11 @@ fn refuse(shared: &Shared, parts: &Parts, refusal: Refusal<'_>, started: Instant
     );
     let headers = response.headers_mut();
     if let (Some(route), Some(origin)) = (route, parts.headers.get(header::ORIGIN)) {
-        if let Some(allow) = origin.to_str().ok().and_then(|o| route.cors.allow_origin(o)) {
+        if let Some(allow) = origin
+            .to_str()
+            .ok()
+            .and_then(|o| route.cors.allow_origin(o))
+        {
             if let Ok(value) = HeaderValue::from_str(allow) {
                 headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
                 headers.insert(
@@ -171,7 +203,10 @@ fn refuse(shared: &Shared, parts: &Parts, refusal: Refusal<'_>, started: Instant
     }
     if reject == Reject::MethodNotAllowed {
         if let Some(route) = route {
-            headers.insert(header::ALLOW, HeaderValue::from_static(route.kind.allowed_methods()));
+            headers.insert(
+                header::ALLOW,
+                HeaderValue::from_static(route.kind.allowed_methods()),
+            );
         }
     }
     response
@@ -181,9 +216,17 @@ fn refuse(shared: &Shared, parts: &Parts, refusal: Refusal<'_>, started: Instant
 fn preflight(route: &Route, parts: &Parts) -> Response<Body> {
     let mut response = Response::new(response::empty());
     *response.status_mut() = StatusCode::NO_CONTENT;
-    let origin = parts.headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()).unwrap_or("");
+    let origin = parts
+        .headers
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .unwrap_or("");
     let headers = response.headers_mut();
-    if let Some(allow) = route.cors.allow_origin(origin).and_then(|a| HeaderValue::from_str(a).ok()) {
+    if let Some(allow) = route
+        .cors
+        .allow_origin(origin)
+        .and_then(|a| HeaderValue::from_str(a).ok())
+    {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
@@ -192,9 +235,15 @@ fn preflight(route: &Route, parts: &Parts) -> Response<Body> {
         if let Ok(allow_headers) = HeaderValue::from_str(&route.cors.allow_headers) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allow_headers);
         }
-        headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(route.cors.max_age.as_secs()));
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from(route.cors.max_age.as_secs()),
+        );
     }
-    headers.insert(header::VARY, HeaderValue::from_static("origin, access-control-request-headers"));
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("origin, access-control-request-headers"),
+    );
     response
 }
 
@@ -267,7 +316,12 @@ async fn forward(
         .observe(elapsed.as_secs_f64());
     metrics
         .requests
-        .with_label_values(&[&permit.stack.name, &permit.token.uid, route_name, "forwarded"])
+        .with_label_values(&[
+            &permit.stack.name,
+            &permit.token.uid,
+            route_name,
+            "forwarded",
+        ])
         .inc();
     tracing::info!(
         target: "stackgate::access",
@@ -402,7 +456,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(cancel) = self.cancel.as_mut() {
             if cancel.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Some(Err(Box::new(Aborted::Revoked))));
@@ -419,4 +476,3 @@ where
         self.inner.size_hint()
     }
 }
-

@@ -106,13 +106,22 @@ mod tests {
     #[test]
     fn hosts_match_contentstack() {
         assert_eq!(Region::Na.host(RouteKind::Delivery), "cdn.contentstack.io");
-        assert_eq!(Region::Na.host(RouteKind::Preview), "rest-preview.contentstack.com");
-        assert_eq!(Region::Na.host(RouteKind::Graphql), "graphql.contentstack.com");
+        assert_eq!(
+            Region::Na.host(RouteKind::Preview),
+            "rest-preview.contentstack.com"
+        );
+        assert_eq!(
+            Region::Na.host(RouteKind::Graphql),
+            "graphql.contentstack.com"
+        );
         assert_eq!(
             Region::Na.host(RouteKind::GraphqlPreview),
             "graphql-preview.contentstack.com"
         );
-        assert_eq!(Region::Eu.host(RouteKind::Delivery), "eu-cdn.contentstack.com");
+        assert_eq!(
+            Region::Eu.host(RouteKind::Delivery),
+            "eu-cdn.contentstack.com"
+        );
         assert_eq!(
             Region::AzureNa.host(RouteKind::Preview),
             "azure-na-rest-preview.contentstack.com"

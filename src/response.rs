@@ -22,7 +22,9 @@ pub const NOT_LOGGED_IN: &str = "You're not allowed in here unless you're logged
 
 /// A body holding `bytes`.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// An empty body.
@@ -199,7 +201,9 @@ mod tests {
         assert_eq!(body["error_code"], 109);
         assert_eq!(body["errors"]["api_key"][0], "is not valid.");
 
-        let r = rejection(&Reject::BranchOutOfScope { branch: "dev".into() });
+        let r = rejection(&Reject::BranchOutOfScope {
+            branch: "dev".into(),
+        });
         assert_eq!(r.status(), 422);
         let body = body_json(r).await;
         assert_eq!(body["error_code"], 901);
@@ -214,7 +218,12 @@ mod tests {
         for (reject, status) in [
             (Reject::NoRoute, 421),
             (Reject::MethodNotAllowed, 405),
-            (Reject::CredentialInQuery { param: "api_key".into() }, 400),
+            (
+                Reject::CredentialInQuery {
+                    param: "api_key".into(),
+                },
+                400,
+            ),
             (Reject::ManagementCredential, 403),
             (Reject::RegistryUnavailable, 503),
             (Reject::RegistryStale, 503),

@@ -252,13 +252,16 @@ mod tests {
 
     #[test]
     fn exact_host_beats_default_and_port_case_are_ignored() {
-        let router = Router::new(&[
-            route(0, &["*"], None),
-            route(1, &["cdn.example.com"], None),
-        ]);
+        let router = Router::new(&[route(0, &["*"], None), route(1, &["cdn.example.com"], None)]);
         let found = |host, path| router.find(host, path).map(|(r, p)| (r.index, p));
-        assert_eq!(found(Some("CDN.Example.com:8443"), "/v3/x"), Some((1, "/v3/x")));
-        assert_eq!(found(Some("other.example.com"), "/v3/x"), Some((0, "/v3/x")));
+        assert_eq!(
+            found(Some("CDN.Example.com:8443"), "/v3/x"),
+            Some((1, "/v3/x"))
+        );
+        assert_eq!(
+            found(Some("other.example.com"), "/v3/x"),
+            Some((0, "/v3/x"))
+        );
         assert_eq!(found(None, "/v3/x"), Some((0, "/v3/x")));
     }
 
@@ -268,7 +271,11 @@ mod tests {
             route(0, &["a.example"], Some("/cda")),
             route(1, &["a.example"], Some("/cda/preview")),
         ]);
-        let found = |path| router.find(Some("a.example"), path).map(|(r, p)| (r.index, p));
+        let found = |path| {
+            router
+                .find(Some("a.example"), path)
+                .map(|(r, p)| (r.index, p))
+        };
         assert_eq!(found("/cda/v3/entries"), Some((0, "/v3/entries")));
         assert_eq!(found("/cda"), Some((0, "/")));
         assert_eq!(found("/cda/preview/v3"), Some((1, "/v3")));

@@ -60,6 +60,10 @@ pub struct Activity {
     /// 1 + milliseconds after `base` of the first byte of a head not yet
     /// complete; 0 when none is arriving.
     partial_since: AtomicU64,
+    /// Requests finished, so the head scanner knows when a new head starts.
+    finished: AtomicU64,
+    /// A head with conflicting framing was read (SPEC §3 row 16).
+    smuggled: AtomicBool,
     changed: Notify,
 }
 
@@ -75,6 +79,8 @@ impl Activity {
             http2: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             partial_since: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            smuggled: AtomicBool::new(false),
             changed: Notify::new(),
         })
     }
@@ -95,12 +101,20 @@ impl Activity {
         ActivityGuard(Arc::clone(self))
     }
 
+    /// Whether the head of the request being served had conflicting framing
+    /// (`Content-Length` with `Transfer-Encoding`, or two `Content-Length`s),
+    /// which hyper resolves silently before a service could see it.
+    pub fn smuggled(&self) -> bool {
+        self.smuggled.load(Ordering::Acquire)
+    }
+
     fn read_some(&self) {
         if self.in_flight.load(Ordering::Acquire) == 0
             && self.partial_since.load(Ordering::Acquire) == 0
             && !self.http2.load(Ordering::Relaxed)
         {
-            self.partial_since.store(self.now_ms() + 1, Ordering::Release);
+            self.partial_since
+                .store(self.now_ms() + 1, Ordering::Release);
             self.changed.notify_one();
         }
     }
@@ -125,31 +139,136 @@ impl Activity {
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
         let activity = &self.0;
-        activity.idle_since.store(activity.now_ms(), Ordering::Release);
+        activity
+            .idle_since
+            .store(activity.now_ms(), Ordering::Release);
+        activity.finished.fetch_add(1, Ordering::AcqRel);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
         activity.changed.notify_one();
     }
 }
 
-/// Notes when bytes arrive, so that a head trickling in is timed.
+/// Notes when bytes arrive, so that a head trickling in is timed, and scans
+/// HTTP/1.1 heads (not bodies) for conflicting framing headers.
 struct WatchedIo<T> {
     inner: T,
     activity: Arc<Activity>,
+    scanner: HeadScanner,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.read_some();
+            let this = &mut *self;
+            this.activity.read_some();
+            let finished = this.activity.finished.load(Ordering::Acquire);
+            let idle = this.activity.in_flight.load(Ordering::Acquire) == 0;
+            if this.scanner.wants(finished, idle) && this.scanner.scan(&buf.filled()[before..]) {
+                this.activity.smuggled.store(true, Ordering::Release);
+            }
         }
         result
     }
 }
 
+/// Reads request heads byte by byte until their blank line, counting the
+/// framing headers. Cheap: it sees only head bytes, a few hundred a request.
+#[derive(Default)]
+struct HeadScanner {
+    /// The `finished` count when the current head started.
+    generation: u64,
+    /// The current head is complete (or this is not HTTP/1).
+    done: bool,
+    disabled: bool,
+    started: bool,
+    name: [u8; 18],
+    name_len: usize,
+    in_name: bool,
+    line_len: usize,
+    content_length: u8,
+    transfer_encoding: bool,
+}
+
+impl HeadScanner {
+    const H2_PREFACE: &'static [u8] = b"PRI * HTTP/2.0";
+
+    /// Whether these bytes may belong to a head: a new head starts once the
+    /// previous request has finished and nothing is in flight.
+    fn wants(&mut self, finished: u64, idle: bool) -> bool {
+        if self.disabled {
+            return false;
+        }
+        if self.done && idle && finished != self.generation {
+            *self = HeadScanner {
+                generation: finished,
+                ..HeadScanner::default()
+            };
+        }
+        !self.done
+    }
+
+    /// Scans `bytes`; true when a complete head had conflicting framing.
+    fn scan(&mut self, bytes: &[u8]) -> bool {
+        if !self.started {
+            self.started = true;
+            self.in_name = false;
+            if bytes.starts_with(Self::H2_PREFACE) {
+                self.disabled = true;
+                return false;
+            }
+        }
+        for &byte in bytes {
+            match byte {
+                b'\n' => {
+                    if self.line_len == 0 {
+                        self.done = true;
+                        return self.content_length > 1
+                            || (self.content_length > 0 && self.transfer_encoding);
+                    }
+                    self.line_len = 0;
+                    self.name_len = 0;
+                    self.in_name = true;
+                }
+                b'\r' => {}
+                b':' if self.in_name => {
+                    let name = &self.name[..self.name_len];
+                    if name == b"content-length" {
+                        self.content_length = self.content_length.saturating_add(1);
+                    } else if name == b"transfer-encoding" {
+                        self.transfer_encoding = true;
+                    }
+                    self.in_name = false;
+                    self.line_len += 1;
+                }
+                _ => {
+                    if self.in_name {
+                        if self.name_len < self.name.len() {
+                            self.name[self.name_len] = byte.to_ascii_lowercase();
+                            self.name_len += 1;
+                        } else {
+                            self.in_name = false;
+                        }
+                    }
+                    self.line_len += 1;
+                }
+            }
+        }
+        false
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -234,8 +353,12 @@ pub async fn accept_loop(
                     let timeout = shared.config.server.header_timeout;
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve_connection(stream, peer, scheme, shared, shutdown).await,
-                        Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, peer, scheme, shared, shutdown).await
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed")
+                        }
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
@@ -246,8 +369,13 @@ pub async fn accept_loop(
 
 /// Serves one client connection until it ends, is revoked, idles out, or
 /// shutdown drains it.
-pub async fn serve_connection<I>(io: I, peer: SocketAddr, scheme: &'static str, shared: Arc<Shared>, shutdown: CancellationToken)
-where
+pub async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    scheme: &'static str,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::new();
@@ -261,6 +389,7 @@ where
     let io = TokioIo::new(WatchedIo {
         inner: io,
         activity: Arc::clone(&activity),
+        scanner: HeadScanner::default(),
     });
     let service = {
         let shared = Arc::clone(&shared);
@@ -269,7 +398,10 @@ where
     };
     let connection = shared.http.serve_connection(io, service);
     tokio::pin!(connection);
-    let (header_timeout, idle_timeout) = (shared.config.server.header_timeout, shared.config.server.idle_timeout);
+    let (header_timeout, idle_timeout) = (
+        shared.config.server.header_timeout,
+        shared.config.server.idle_timeout,
+    );
     let mut draining = false;
     loop {
         let deadline = activity.deadline(header_timeout, idle_timeout);
@@ -308,7 +440,12 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Accepts a TCP connection for tests and tools that drive a listener themselves.
-pub async fn serve_tcp(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
+pub async fn serve_tcp(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     serve_connection(stream, peer, "http", shared, shutdown).await;
 }
 
@@ -360,7 +497,9 @@ impl TlsReloader {
                 *last = stamp;
                 tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
             }
-            Err(err) => tracing::error!(error = %err, "TLS certificate not reloaded; keeping the current one"),
+            Err(err) => {
+                tracing::error!(error = %err, "TLS certificate not reloaded; keeping the current one")
+            }
         }
     }
 
@@ -400,12 +539,58 @@ pub fn load_tls(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
         path: files.key.clone(),
         reason: e.to_string(),
     })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|e| TlsError::Config(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadScanner;
+
+    fn conflicting(head: &str) -> bool {
+        let mut scanner = HeadScanner::default();
+        assert!(scanner.wants(0, true));
+        scanner.scan(head.as_bytes())
+    }
+
+    #[test]
+    fn finds_conflicting_framing_in_heads() {
+        assert!(conflicting(
+            "POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(conflicting(
+            "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n"
+        ));
+        assert!(conflicting(
+            "POST / HTTP/1.1\r\ncontent-length: 4\r\ncontent-length: 4\r\n\r\n"
+        ));
+        assert!(!conflicting(
+            "POST / HTTP/1.1\r\ncontent-length: 4\r\n\r\nbody"
+        ));
+        assert!(!conflicting(
+            "GET / HTTP/1.1\r\nx-content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n"
+        ));
+        assert!(!conflicting("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+    }
+
+    #[test]
+    fn heads_split_across_reads_and_bodies_are_not_scanned() {
+        let mut scanner = HeadScanner::default();
+        assert!(scanner.wants(0, true));
+        assert!(!scanner.scan(b"POST / HTTP/1.1\r\nContent-Le"));
+        assert!(scanner.scan(b"ngth: 4\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        // The body of the first request is not a head.
+        assert!(!scanner.wants(0, false));
+        // After it finished, the next head is scanned afresh.
+        assert!(scanner.wants(1, true));
+        assert!(!scanner.scan(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"));
+    }
 }

@@ -62,7 +62,9 @@ impl Usage {
                 .iter()
                 .all(|old| now.scope.environments.contains(old))
         } else {
-            self.environments.iter().all(|env| now.scope.allows_environment(env))
+            self.environments
+                .iter()
+                .all(|env| now.scope.allows_environment(env))
         };
         environments && now.scope.allows_branch(&self.branch)
     }
@@ -89,9 +91,11 @@ struct Session {
     ended: bool,
 }
 
-/// Counts what one revocation cancelled down to zero, then records the latency.
+/// Counts what one revocation cancelled down to zero, then records the latency
+/// (only for revocations that cancelled something).
 struct Tracker {
     remaining: AtomicUsize,
+    cancelled_any: std::sync::atomic::AtomicBool,
     learned_at: Instant,
     metrics: Metrics,
     done: watch::Sender<bool>,
@@ -100,8 +104,12 @@ struct Tracker {
 impl Tracker {
     fn finish_one(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let elapsed = self.learned_at.elapsed();
-            self.metrics.revocation_seconds.observe(elapsed.as_secs_f64());
+            if self.cancelled_any.load(Ordering::Acquire) {
+                let elapsed = self.learned_at.elapsed();
+                self.metrics
+                    .revocation_seconds
+                    .observe(elapsed.as_secs_f64());
+            }
             self.done.send_replace(true);
         }
     }
@@ -276,13 +284,17 @@ impl Sessions {
 
     /// Drops a token's entry once it holds no session.
     fn remove_if_empty(&self, key: &TokenKey) {
-        self.by_token.remove_if(key, |_, sessions| sessions.is_empty());
+        self.by_token
+            .remove_if(key, |_, sessions| sessions.is_empty());
     }
 
     fn set_gauge(&self, key: &TokenKey, count: usize) {
         let stack = self.stack_name(key.stack);
         if count == 0 {
-            let _ = self.metrics.active_sessions.remove_label_values(&[stack, &key.uid]);
+            let _ = self
+                .metrics
+                .active_sessions
+                .remove_label_values(&[stack, &key.uid]);
         } else {
             self.metrics
                 .active_sessions
@@ -337,12 +349,17 @@ impl Sessions {
         // loop below still runs cannot finish the measurement early.
         let tracker = Arc::new(Tracker {
             remaining: AtomicUsize::new(1),
+            cancelled_any: std::sync::atomic::AtomicBool::new(false),
             learned_at: change.learned_at,
             metrics: self.metrics.clone(),
             done: done_tx,
         });
         let diff = &change.diff;
-        let whole = if admin { "admin_revoked" } else { "token_deleted" };
+        let whole = if admin {
+            "admin_revoked"
+        } else {
+            "token_deleted"
+        };
         let mut cancelled = 0;
         for uid in &diff.removed {
             cancelled += self.end(stack, uid, whole, &tracker, &Ending::All);
@@ -358,6 +375,9 @@ impl Sessions {
             let ending = Ending::Uncovered(change.registry.get(uid).map(|t| Token::clone(t)));
             cancelled += self.end(stack, uid, "scope_narrowed", &tracker, &ending);
         }
+        tracker
+            .cancelled_any
+            .store(cancelled > 0, Ordering::Release);
         tracker.finish_one();
         Revocation {
             cancelled,
@@ -367,7 +387,14 @@ impl Sessions {
 
     /// Cancels the sessions of one token that `ending` hits. An HTTP/1.1
     /// session is hit if any use seen on it is; HTTP/2 streams one by one.
-    fn end(&self, stack: usize, uid: &str, cause: &str, tracker: &Arc<Tracker>, ending: &Ending) -> usize {
+    fn end(
+        &self,
+        stack: usize,
+        uid: &str,
+        cause: &str,
+        tracker: &Arc<Tracker>,
+        ending: &Ending,
+    ) -> usize {
         let key = TokenKey {
             stack,
             uid: Arc::from(uid),
@@ -378,7 +405,9 @@ impl Sessions {
             for session in entry.values_mut() {
                 let kind = session.kind;
                 if session.closes_connection {
-                    if session.tracker.is_none() && session.used.iter().any(|u| ending.hits(kind, u)) {
+                    if session.tracker.is_none()
+                        && session.used.iter().any(|u| ending.hits(kind, u))
+                    {
                         tracker.remaining.fetch_add(1, Ordering::AcqRel);
                         session.tracker = Some(Arc::clone(tracker));
                         session.cancel.cancel();
@@ -454,7 +483,8 @@ impl Drop for ConnSessions {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.sessions.end_request(&self.key, self.session, self.request);
+        self.sessions
+            .end_request(&self.key, self.session, self.request);
     }
 }
 

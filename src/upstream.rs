@@ -30,7 +30,10 @@ pub enum ClientError {
 }
 
 /// Builds the pooled client. `ca_file`'s certificates are trusted beside the web PKI roots.
-pub fn build_client(connect_timeout: Duration, ca_file: Option<&Path>) -> Result<HttpClient, ClientError> {
+pub fn build_client(
+    connect_timeout: Duration,
+    ca_file: Option<&Path>,
+) -> Result<HttpClient, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -49,14 +52,16 @@ pub fn build_client(connect_timeout: Duration, ca_file: Option<&Path>) -> Result
             roots.add(cert).map_err(|err| ca_error(err.to_string()))?;
         }
     }
-    let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
-        .with_safe_default_protocol_versions()
-        .map_err(|err| ClientError::CaFile {
-            path: String::new(),
-            reason: err.to_string(),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_safe_default_protocol_versions()
+    .map_err(|err| ClientError::CaFile {
+        path: String::new(),
+        reason: err.to_string(),
+    })?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
 
     let mut http = HttpConnector::new();
     http.enforce_http(false);

@@ -159,7 +159,9 @@ impl<'de> Deserialize<'de> for DurationStr {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)
             .map_err(|_| de::Error::custom("invalid duration: expected a string like \"10s\""))?;
-        parse_duration(&text).map(DurationStr).map_err(de::Error::custom)
+        parse_duration(&text)
+            .map(DurationStr)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -169,8 +171,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if text == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(text)
-        .map_err(|_| format!("invalid duration {text:?}: expected a string like \"500ms\", \"10s\" or \"6h\""))
+    humantime::parse_duration(text).map_err(|_| {
+        format!("invalid duration {text:?}: expected a string like \"500ms\", \"10s\" or \"6h\"")
+    })
 }
 
 #[cfg(test)]

@@ -255,7 +255,10 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
 
     let listen = convert_listen(listen)?;
     if listen.https.is_some() && tls.is_none() {
-        return Err(ConfigError::invalid("tls", "listen.https is set, so [tls] with cert and key is required"));
+        return Err(ConfigError::invalid(
+            "tls",
+            "listen.https is set, so [tls] with cert and key is required",
+        ));
     }
     let tls = tls.map(|file::Tls { cert, key }| TlsFiles { cert, key });
     let admin_token = admin
@@ -270,14 +273,28 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         grace_period,
     } = server;
     let server = ServerSettings {
-        header_timeout: positive("server.header_timeout", header_timeout, DEFAULT_HEADER_TIMEOUT)?,
+        header_timeout: positive(
+            "server.header_timeout",
+            header_timeout,
+            DEFAULT_HEADER_TIMEOUT,
+        )?,
         idle_timeout: positive("server.idle_timeout", idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
         max_connections: match max_connections {
-            Some(0) => return Err(ConfigError::invalid("server.max_connections", "must be at least 1")),
+            Some(0) => {
+                return Err(ConfigError::invalid(
+                    "server.max_connections",
+                    "must be at least 1",
+                ))
+            }
             other => other.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         },
         max_body_bytes: match max_body_bytes {
-            Some(0) => return Err(ConfigError::invalid("server.max_body_bytes", "must be at least 1")),
+            Some(0) => {
+                return Err(ConfigError::invalid(
+                    "server.max_body_bytes",
+                    "must be at least 1",
+                ))
+            }
             other => other.unwrap_or(DEFAULT_MAX_BODY_BYTES),
         },
         grace_period: grace_period.map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
@@ -289,13 +306,24 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         ca_file,
     } = upstream;
     let upstream = UpstreamSettings {
-        connect_timeout: positive("upstream.connect_timeout", connect_timeout, DEFAULT_CONNECT_TIMEOUT)?,
-        request_timeout: positive("upstream.request_timeout", request_timeout, DEFAULT_REQUEST_TIMEOUT)?,
+        connect_timeout: positive(
+            "upstream.connect_timeout",
+            connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?,
+        request_timeout: positive(
+            "upstream.request_timeout",
+            request_timeout,
+            DEFAULT_REQUEST_TIMEOUT,
+        )?,
         ca_file,
     };
 
     if routes.is_empty() {
-        return Err(ConfigError::invalid("routes", "at least one [[routes]] entry is required"));
+        return Err(ConfigError::invalid(
+            "routes",
+            "at least one [[routes]] entry is required",
+        ));
     }
     let routes = routes
         .into_iter()
@@ -305,7 +333,10 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
     check_route_overlap(&routes)?;
 
     if stacks.is_empty() {
-        return Err(ConfigError::invalid("stacks", "at least one [[stacks]] entry is required"));
+        return Err(ConfigError::invalid(
+            "stacks",
+            "at least one [[stacks]] entry is required",
+        ));
     }
     let stacks = stacks
         .into_iter()
@@ -316,10 +347,16 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         if let Some(first) = stacks[..index].iter().position(|s| s.name == stack.name) {
             return Err(ConfigError::invalid(
                 format!("stacks[{index}].name"),
-                format!("duplicate stack name {:?} (also stacks[{first}])", stack.name),
+                format!(
+                    "duplicate stack name {:?} (also stacks[{first}])",
+                    stack.name
+                ),
             ));
         }
-        if let Some(first) = stacks[..index].iter().position(|s| s.api_key == stack.api_key) {
+        if let Some(first) = stacks[..index]
+            .iter()
+            .position(|s| s.api_key == stack.api_key)
+        {
             return Err(ConfigError::invalid(
                 format!("stacks[{index}].api_key"),
                 format!("duplicate api_key (also stacks[{first}])"),
@@ -343,7 +380,10 @@ fn convert_listen(listen: file::Listen) -> Result<Listen, ConfigError> {
     let addr = |key: &str, text: Option<String>| -> Result<Option<SocketAddr>, ConfigError> {
         text.map(|text| {
             text.parse().map_err(|_| {
-                ConfigError::invalid(key, format!("invalid address {text:?}: expected IP:PORT such as \"0.0.0.0:8080\""))
+                ConfigError::invalid(
+                    key,
+                    format!("invalid address {text:?}: expected IP:PORT such as \"0.0.0.0:8080\""),
+                )
             })
         })
         .transpose()
@@ -352,7 +392,10 @@ fn convert_listen(listen: file::Listen) -> Result<Listen, ConfigError> {
     let https = addr("listen.https", https)?;
     let admin = addr("listen.admin", admin)?;
     if http.is_none() && https.is_none() {
-        return Err(ConfigError::invalid("listen", "set listen.http, listen.https, or both"));
+        return Err(ConfigError::invalid(
+            "listen",
+            "set listen.http, listen.https, or both",
+        ));
     }
     let admin = match admin {
         Some(admin) => admin,
@@ -380,14 +423,20 @@ fn convert_route(index: usize, route: file::Route) -> Result<Route, ConfigError>
         file::RouteKindName::GraphqlPreview => RouteKind::GraphqlPreview,
     };
     if hosts.is_empty() {
-        return Err(ConfigError::invalid(key("hosts"), "at least one host (or \"*\") is required"));
+        return Err(ConfigError::invalid(
+            key("hosts"),
+            "at least one host (or \"*\") is required",
+        ));
     }
     let hosts = hosts
         .into_iter()
         .map(|host| {
             let host = host.trim().to_ascii_lowercase();
             if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
-                Err(ConfigError::invalid(key("hosts"), format!("invalid host name {host:?}")))
+                Err(ConfigError::invalid(
+                    key("hosts"),
+                    format!("invalid host name {host:?}"),
+                ))
             } else {
                 Ok(host)
             }
@@ -396,7 +445,10 @@ fn convert_route(index: usize, route: file::Route) -> Result<Route, ConfigError>
     let path_prefix = match path_prefix {
         None => None,
         Some(prefix) if !prefix.starts_with('/') => {
-            return Err(ConfigError::invalid(key("path_prefix"), format!("{prefix:?} must start with '/'")));
+            return Err(ConfigError::invalid(
+                key("path_prefix"),
+                format!("{prefix:?} must start with '/'"),
+            ));
         }
         Some(prefix) => {
             let trimmed = prefix.trim_end_matches('/');
@@ -404,7 +456,10 @@ fn convert_route(index: usize, route: file::Route) -> Result<Route, ConfigError>
         }
     };
     let region = region
-        .map(|name| name.parse::<Region>().map_err(|err| ConfigError::invalid(key("region"), err.to_string())))
+        .map(|name| {
+            name.parse::<Region>()
+                .map_err(|err| ConfigError::invalid(key("region"), err.to_string()))
+        })
         .transpose()?
         .unwrap_or_default();
     let upstream_url = upstream.unwrap_or_else(|| region.upstream(kind));
@@ -446,10 +501,17 @@ fn check_route_overlap(routes: &[Arc<Route>]) -> Result<(), ConfigError> {
     for (index, route) in routes.iter().enumerate() {
         for earlier in &routes[..index] {
             let same_prefix = earlier.path_prefix == route.path_prefix;
-            if let Some(host) = route.hosts.iter().find(|h| same_prefix && earlier.hosts.contains(h)) {
+            if let Some(host) = route
+                .hosts
+                .iter()
+                .find(|h| same_prefix && earlier.hosts.contains(h))
+            {
                 return Err(ConfigError::invalid(
                     format!("routes[{index}].hosts"),
-                    format!("host {host:?} with the same path_prefix is already served by routes[{}]", earlier.index),
+                    format!(
+                        "host {host:?} with the same path_prefix is already served by routes[{}]",
+                        earlier.index
+                    ),
                 ));
             }
         }
@@ -464,13 +526,21 @@ fn parse_base_url(key: &str, text: &str) -> Result<Uri, ConfigError> {
         .map_err(|_| ConfigError::invalid(key, format!("invalid URL {text:?}")))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => return Err(ConfigError::invalid(key, format!("{text:?} must start with http:// or https://"))),
+        _ => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{text:?} must start with http:// or https://"),
+            ))
+        }
     }
     if uri.authority().is_none() {
         return Err(ConfigError::invalid(key, format!("{text:?} has no host")));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(ConfigError::invalid(key, format!("{text:?} must not have a path or query")));
+        return Err(ConfigError::invalid(
+            key,
+            format!("{text:?} must not have a path or query"),
+        ));
     }
     Ok(uri)
 }
@@ -523,7 +593,11 @@ fn convert_stack(
                     Some(file::AuthName::Bearer) => CmaAuth::Bearer,
                 },
                 credential,
-                interval: positive(&key("registry.sync_interval"), sync_interval, DEFAULT_SYNC_INTERVAL)?,
+                interval: positive(
+                    &key("registry.sync_interval"),
+                    sync_interval,
+                    DEFAULT_SYNC_INTERVAL,
+                )?,
             }
         }
         (None, Some(path)) => Source::File { path },
@@ -554,14 +628,26 @@ fn convert_stack(
             overrides: overrides
                 .into_iter()
                 .enumerate()
-                .map(|(i, file::Override { token, rate: r, burst })| {
-                    let key = key(&format!("limits.overrides[{i}]"));
-                    if token.trim().is_empty() {
-                        return Err(ConfigError::invalid(format!("{key}.token"), "must not be empty"));
-                    }
-                    let limit = rate(&key, Some(file::Rate { rate: r, burst }))?;
-                    Ok((token, limit.unwrap_or(RateLimit { rate: r, burst })))
-                })
+                .map(
+                    |(
+                        i,
+                        file::Override {
+                            token,
+                            rate: r,
+                            burst,
+                        },
+                    )| {
+                        let key = key(&format!("limits.overrides[{i}]"));
+                        if token.trim().is_empty() {
+                            return Err(ConfigError::invalid(
+                                format!("{key}.token"),
+                                "must not be empty",
+                            ));
+                        }
+                        let limit = rate(&key, Some(file::Rate { rate: r, burst }))?;
+                        Ok((token, limit.unwrap_or(RateLimit { rate: r, burst })))
+                    },
+                )
                 .collect::<Result<_, _>>()?,
         },
     };
@@ -583,30 +669,55 @@ fn rate(key: &str, rate: Option<file::Rate>) -> Result<Option<RateLimit>, Config
         return Ok(None);
     };
     if rate == 0 {
-        return Err(ConfigError::invalid(format!("{key}.rate"), "must be at least 1"));
+        return Err(ConfigError::invalid(
+            format!("{key}.rate"),
+            "must be at least 1",
+        ));
     }
     if burst == 0 {
-        return Err(ConfigError::invalid(format!("{key}.burst"), "must be at least 1"));
+        return Err(ConfigError::invalid(
+            format!("{key}.burst"),
+            "must be at least 1",
+        ));
     }
     Ok(Some(RateLimit { rate, burst }))
 }
 
-fn positive(key: &str, value: Option<DurationStr>, default: Duration) -> Result<Duration, ConfigError> {
+fn positive(
+    key: &str,
+    value: Option<DurationStr>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
-        Some(DurationStr(d)) if d.is_zero() => Err(ConfigError::invalid(key, "must be greater than 0")),
+        Some(DurationStr(d)) if d.is_zero() => {
+            Err(ConfigError::invalid(key, "must be greater than 0"))
+        }
         Some(DurationStr(d)) => Ok(d),
     }
 }
 
-fn required_env(key: &str, name: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, ConfigError> {
+fn required_env(
+    key: &str,
+    name: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Secret, ConfigError> {
     if name.trim().is_empty() {
-        return Err(ConfigError::invalid(key, "must name an environment variable"));
+        return Err(ConfigError::invalid(
+            key,
+            "must name an environment variable",
+        ));
     }
     match env(name) {
         Some(value) if !value.is_empty() => Ok(Secret::new(value)),
-        Some(_) => Err(ConfigError::invalid(key, format!("environment variable {name} is empty"))),
-        None => Err(ConfigError::invalid(key, format!("environment variable {name} is not set"))),
+        Some(_) => Err(ConfigError::invalid(
+            key,
+            format!("environment variable {name} is empty"),
+        )),
+        None => Err(ConfigError::invalid(
+            key,
+            format!("environment variable {name} is not set"),
+        )),
     }
 }
 

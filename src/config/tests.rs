@@ -87,11 +87,17 @@ fn the_spec_example_parses_with_every_key() {
     assert_eq!(config.server.max_body_bytes, 1_048_576);
     assert_eq!(config.upstream.request_timeout, Duration::from_secs(30));
     assert_eq!(config.routes[0].path_prefix.as_deref(), Some("/cda"));
-    assert_eq!(config.routes[1].upstream.authority.as_str(), "eu-rest-preview.contentstack.com");
+    assert_eq!(
+        config.routes[1].upstream.authority.as_str(),
+        "eu-rest-preview.contentstack.com"
+    );
     let stack = &config.stacks[0];
     match &stack.registry.source {
         Source::Cma {
-            auth, credential, interval, ..
+            auth,
+            credential,
+            interval,
+            ..
         } => {
             assert_eq!(*auth, CmaAuth::Authtoken);
             assert_eq!(credential.expose(), "cma-secret");
@@ -99,10 +105,22 @@ fn the_spec_example_parses_with_every_key() {
         }
         Source::File { .. } => panic!("expected the CMA source"),
     }
-    assert_eq!(stack.registry.max_staleness, Some(Duration::from_secs(6 * 3600)));
-    assert_eq!(stack.limits.per_token, Some(RateLimit { rate: 200, burst: 400 }));
+    assert_eq!(
+        stack.registry.max_staleness,
+        Some(Duration::from_secs(6 * 3600))
+    );
+    assert_eq!(
+        stack.limits.per_token,
+        Some(RateLimit {
+            rate: 200,
+            burst: 400
+        })
+    );
     assert_eq!(stack.limits.overrides[0].0, "blt_heavy");
-    assert_eq!(config.admin_token.as_ref().map(Secret::expose), Some("admin-secret"));
+    assert_eq!(
+        config.admin_token.as_ref().map(Secret::expose),
+        Some("admin-secret")
+    );
 }
 
 #[test]
@@ -121,7 +139,10 @@ fn bad_duration_names_its_full_key() {
 
 #[test]
 fn unknown_keys_are_named() {
-    let text = FULL.replace("idle_timeout = \"60s\"", "idle_timeout = \"60s\"\nidle_timout = \"1s\"");
+    let text = FULL.replace(
+        "idle_timeout = \"60s\"",
+        "idle_timeout = \"60s\"\nidle_timout = \"1s\"",
+    );
     let err = parse(&text).unwrap_err();
     assert!(err.to_string().contains("idle_timout"), "{err}");
     assert!(err.key().unwrap().starts_with("server"), "{err}");
@@ -150,17 +171,41 @@ fn bad_values_name_their_key() {
     let cases = [
         ("region = \"na\"", "region = \"mars\"", "routes[0].region"),
         ("kind = \"delivery\"", "kind = \"cdn\"", "routes[0].kind"),
-        ("path_prefix = \"/cda\"", "path_prefix = \"cda\"", "routes[0].path_prefix"),
+        (
+            "path_prefix = \"/cda\"",
+            "path_prefix = \"cda\"",
+            "routes[0].path_prefix",
+        ),
         (
             "upstream = \"https://cdn.contentstack.io\"",
             "upstream = \"ftp://x\"",
             "routes[0].upstream",
         ),
-        ("max_removal_ratio = 0.5", "max_removal_ratio = 1.5", "stacks[0].registry.max_removal_ratio"),
-        ("http  = \"0.0.0.0:8080\"", "http  = \"localhost\"", "listen.http"),
-        ("per_token = { rate = 200", "per_token = { rate = 0", "stacks[0].limits.per_token.rate"),
-        ("max_connections = 10000", "max_connections = 0", "server.max_connections"),
-        ("max_connections = 10000", "max_connections = \"many\"", "server.max_connections"),
+        (
+            "max_removal_ratio = 0.5",
+            "max_removal_ratio = 1.5",
+            "stacks[0].registry.max_removal_ratio",
+        ),
+        (
+            "http  = \"0.0.0.0:8080\"",
+            "http  = \"localhost\"",
+            "listen.http",
+        ),
+        (
+            "per_token = { rate = 200",
+            "per_token = { rate = 0",
+            "stacks[0].limits.per_token.rate",
+        ),
+        (
+            "max_connections = 10000",
+            "max_connections = 0",
+            "server.max_connections",
+        ),
+        (
+            "max_connections = 10000",
+            "max_connections = \"many\"",
+            "server.max_connections",
+        ),
     ];
     for (from, to, key) in cases {
         assert!(FULL.contains(from), "fixture lacks {from}");
@@ -170,7 +215,10 @@ fn bad_values_name_their_key() {
 
 #[test]
 fn https_needs_tls() {
-    let text = FULL.replace("[tls]\ncert = \"certs/gateway.pem\"\nkey  = \"certs/gateway.key\"\n", "");
+    let text = FULL.replace(
+        "[tls]\ncert = \"certs/gateway.pem\"\nkey  = \"certs/gateway.key\"\n",
+        "",
+    );
     assert_eq!(error_key(&text), "tls");
 }
 
@@ -193,7 +241,10 @@ max_staleness = "0"
     assert_eq!(config.stacks[0].registry.max_staleness, None);
     assert_eq!(config.listen.admin, DEFAULT_ADMIN_ADDR.parse().unwrap());
     assert_eq!(config.server.header_timeout, DEFAULT_HEADER_TIMEOUT);
-    assert_eq!(config.routes[0].upstream.authority.as_str(), "graphql.contentstack.com");
+    assert_eq!(
+        config.routes[0].upstream.authority.as_str(),
+        "graphql.contentstack.com"
+    );
     assert!(config.admin_token.is_none());
 }
 
@@ -201,6 +252,7 @@ max_staleness = "0"
 fn duplicate_stacks_and_routes_are_refused() {
     let dup = format!("{FULL}\n[[stacks]]\nname = \"website\"\napi_key = \"other\"\n[stacks.registry]\ntokens_file = \"t.json\"\n");
     assert_eq!(error_key(&dup), "stacks[1].name");
-    let dup_route = format!("{FULL}\n[[routes]]\nkind = \"graphql\"\nhosts = [\"preview.example.com\"]\n");
+    let dup_route =
+        format!("{FULL}\n[[routes]]\nkind = \"graphql\"\nhosts = [\"preview.example.com\"]\n");
     assert_eq!(error_key(&dup_route), "routes[2].hosts");
 }

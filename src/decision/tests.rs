@@ -26,7 +26,14 @@ fn route(index: usize, kind: RouteKind, host: &str) -> Arc<Route> {
     })
 }
 
-fn token(uid: &str, value: &str, preview: Option<&str>, env: (&str, &str), branches: Option<&[&str]>, aliases: Option<&[&str]>) -> Token {
+fn token(
+    uid: &str,
+    value: &str,
+    preview: Option<&str>,
+    env: (&str, &str),
+    branches: Option<&[&str]>,
+    aliases: Option<&[&str]>,
+) -> Token {
     let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
     Token {
         uid: Arc::from(uid),
@@ -46,7 +53,9 @@ fn token(uid: &str, value: &str, preview: Option<&str>, env: (&str, &str), branc
 
 fn settings(max_staleness: Duration) -> RegistrySettings {
     RegistrySettings {
-        source: Source::File { path: PathBuf::new() },
+        source: Source::File {
+            path: PathBuf::new(),
+        },
         snapshot: None,
         max_removal_ratio: 0.5,
         max_staleness: Some(max_staleness),
@@ -73,24 +82,69 @@ fn world() -> World {
         Some(&["main", "development"]),
         Some(&["deploy"]),
     );
-    let other = token("blt_other", "cs_other", Some("cs_other_preview"), ("staging", "env_staging"), None, None);
-    let all = token("blt_all", "cs_all", None, ("production", "env_prod"), Some(&["$all"]), None);
-    let gone = token("blt_gone", "cs_gone", Some("cs_gone_preview"), ("production", "env_prod"), None, None);
-    let admin = token("blt_admin", "cs_admin", Some("cs_admin_preview"), ("production", "env_prod"), None, None);
+    let other = token(
+        "blt_other",
+        "cs_other",
+        Some("cs_other_preview"),
+        ("staging", "env_staging"),
+        None,
+        None,
+    );
+    let all = token(
+        "blt_all",
+        "cs_all",
+        None,
+        ("production", "env_prod"),
+        Some(&["$all"]),
+        None,
+    );
+    let gone = token(
+        "blt_gone",
+        "cs_gone",
+        Some("cs_gone_preview"),
+        ("production", "env_prod"),
+        None,
+        None,
+    );
+    let admin = token(
+        "blt_admin",
+        "cs_admin",
+        Some("cs_admin_preview"),
+        ("production", "env_prod"),
+        None,
+        None,
+    );
     let live = vec![prod.clone(), other.clone(), all.clone(), admin.clone()];
     let (first, _) = Registry::default()
-        .next(vec![prod.clone(), other.clone(), all.clone(), gone, admin.clone()], 0)
+        .next(
+            vec![
+                prod.clone(),
+                other.clone(),
+                all.clone(),
+                gone,
+                admin.clone(),
+            ],
+            0,
+        )
         .unwrap();
     let (registry, _) = first.next(live, 1).unwrap();
     let registry = registry.with_admin_revocation("blt_admin", true).unwrap();
     let stacks = Stacks::new(vec![
-        Arc::new(StackRegistry::with_registry(0, "website", "blt_site", settings(Duration::from_secs(3600)), registry)),
+        Arc::new(StackRegistry::with_registry(
+            0,
+            "website",
+            "blt_site",
+            settings(Duration::from_secs(3600)),
+            registry,
+        )),
         Arc::new(StackRegistry::new(
             1,
             "unloaded",
             "blt_unloaded",
             settings(Duration::from_secs(3600)),
-            crate::registry::source::Source::File(crate::registry::source::FileSource::new(PathBuf::new())),
+            crate::registry::source::Source::File(crate::registry::source::FileSource::new(
+                PathBuf::new(),
+            )),
         )),
         Arc::new(StackRegistry::with_registry(
             2,
@@ -112,7 +166,10 @@ enum Expect {
 use Expect::*;
 
 fn run(world: &World, method: Method, host: &str, uri: &str, headers: &[(&str, &str)]) -> Expect {
-    let mut builder = Request::builder().method(method).uri(uri).header("host", host);
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", host);
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
@@ -130,7 +187,14 @@ fn run(world: &World, method: Method, host: &str, uri: &str, headers: &[(&str, &
 }
 
 /// Name, method, host, URI, headers, expected outcome.
-type Case = (&'static str, Method, &'static str, &'static str, Vec<(&'static str, &'static str)>, Expect);
+type Case = (
+    &'static str,
+    Method,
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    Expect,
+);
 
 const SITE: (&str, &str) = ("api_key", "blt_site");
 const PROD: (&str, &str) = ("access_token", "cs_prod");
@@ -210,17 +274,35 @@ fn every_row_of_the_table() {
 fn row_order_first_failure_decides() {
     let w = world();
     // Row 3 before row 4, 4 before 5, 2 before 3.
-    let r = run(&w, Method::GET, "cdn.test", "/x?access_token=a", &[("authorization", "x")]);
+    let r = run(
+        &w,
+        Method::GET,
+        "cdn.test",
+        "/x?access_token=a",
+        &[("authorization", "x")],
+    );
     assert_eq!(r, Refuse("credential_in_query"));
     let r = run(&w, Method::GET, "cdn.test", "/x", &[("authorization", "x")]);
     assert_eq!(r, Refuse("management_credential"));
     let r = run(&w, Method::POST, "cdn.test", "/x?access_token=a", &[]);
     assert_eq!(r, Refuse("method_not_allowed"));
     // Row 9 before 13: a revoked token with a wrong environment.
-    let r = run(&w, Method::GET, "cdn.test", "/x?environment=staging", &[SITE, ("access_token", "cs_gone")]);
+    let r = run(
+        &w,
+        Method::GET,
+        "cdn.test",
+        "/x?environment=staging",
+        &[SITE, ("access_token", "cs_gone")],
+    );
     assert_eq!(r, Refuse("token_revoked"));
     // Row 13 before 14.
-    let r = run(&w, Method::GET, "cdn.test", "/x?environment=staging", &[SITE, PROD, ("branch", "nope")]);
+    let r = run(
+        &w,
+        Method::GET,
+        "cdn.test",
+        "/x?environment=staging",
+        &[SITE, PROD, ("branch", "nope")],
+    );
     assert_eq!(r, Refuse("environment_out_of_scope"));
 }
 
@@ -274,17 +356,38 @@ fn row_16_http_checks() {
     };
     assert_eq!(check_http(&parts("/x", &[]), 10), Ok(()));
     let long = format!("/x?q={}", "a".repeat(MAX_URL_BYTES));
-    assert_eq!(check_http(&parts(&long, &[]), 10), Err(BadRequest::UrlTooLong));
-    let big = "b".repeat(MAX_HEAD_BYTES);
-    assert_eq!(check_http(&parts("/x", &[("x-big", &big)]), 10), Err(BadRequest::HeadTooLarge));
     assert_eq!(
-        check_http(&parts("/x", &[("content-length", "5"), ("transfer-encoding", "chunked")]), 10),
+        check_http(&parts(&long, &[]), 10),
+        Err(BadRequest::UrlTooLong)
+    );
+    let big = "b".repeat(MAX_HEAD_BYTES);
+    assert_eq!(
+        check_http(&parts("/x", &[("x-big", &big)]), 10),
+        Err(BadRequest::HeadTooLarge)
+    );
+    assert_eq!(
+        check_http(
+            &parts(
+                "/x",
+                &[("content-length", "5"), ("transfer-encoding", "chunked")]
+            ),
+            10
+        ),
         Err(BadRequest::Malformed)
     );
-    assert_eq!(check_http(&parts("/x", &[("content-length", "11")]), 10), Err(BadRequest::BodyTooLarge));
-    assert_eq!(check_http(&parts("/x", &[("content-length", "ten")]), 10), Err(BadRequest::Malformed));
     assert_eq!(
-        check_http(&parts("/x", &[("access_token", "a"), ("access_token", "b")]), 10),
+        check_http(&parts("/x", &[("content-length", "11")]), 10),
+        Err(BadRequest::BodyTooLarge)
+    );
+    assert_eq!(
+        check_http(&parts("/x", &[("content-length", "ten")]), 10),
+        Err(BadRequest::Malformed)
+    );
+    assert_eq!(
+        check_http(
+            &parts("/x", &[("access_token", "a"), ("access_token", "b")]),
+            10
+        ),
         Err(BadRequest::Malformed)
     );
 }

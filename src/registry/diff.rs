@@ -140,6 +140,10 @@ mod tests {
         assert_eq!(diff.narrowed, ["narrow"]);
         assert_eq!(diff.changed, ["widen"]);
         assert!(!diff.is_empty());
-        assert!(Diff::between(&old, &old.tokens().map(|t| Token::clone(t)).collect::<Vec<_>>()).is_empty());
+        assert!(Diff::between(
+            &old,
+            &old.tokens().map(|t| Token::clone(t)).collect::<Vec<_>>()
+        )
+        .is_empty());
     }
 }

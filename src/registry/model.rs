@@ -131,7 +131,9 @@ pub const ALL_BRANCHES: &str = "$all";
 impl Scope {
     /// Whether `env`, as given in a request, is the name or uid of the token's environment.
     pub fn allows_environment(&self, env: &str) -> bool {
-        self.environments.iter().any(|e| e.name == env || e.uid == env)
+        self.environments
+            .iter()
+            .any(|e| e.name == env || e.uid == env)
     }
 
     /// Whether the token may read `branch` (a branch name or an alias).
@@ -314,7 +316,10 @@ impl Registry {
             .map(|d| (d, ()))
             .collect();
         for old in self.tokens.values() {
-            let values = [(Some(old.delivery), TokenKind::Delivery), (old.preview, TokenKind::Preview)];
+            let values = [
+                (Some(old.delivery), TokenKind::Delivery),
+                (old.preview, TokenKind::Preview),
+            ];
             for (digest, kind) in values {
                 if let Some(digest) = digest.filter(|d| !listed.contains_key(d)) {
                     let uid = Arc::clone(&old.uid);
@@ -324,7 +329,12 @@ impl Registry {
         }
         revoked.retain(|digest, _| !listed.contains_key(digest));
         prune_revoked(&mut revoked, now);
-        let next = Registry::from_parts(self.version + 1, tokens, revoked, self.admin_revoked.clone());
+        let next = Registry::from_parts(
+            self.version + 1,
+            tokens,
+            revoked,
+            self.admin_revoked.clone(),
+        );
         Some((next, diff))
     }
 
@@ -405,7 +415,10 @@ mod tests {
         assert!(scope(Some(&["$all"]), None).allows_branch("anything"));
         assert!(scope(None, Some(&["$all"])).allows_branch("anything"));
         let only_dev = scope(Some(&["dev"]), None);
-        assert!(!only_dev.allows_branch("main"), "a branch module without main excludes main");
+        assert!(
+            !only_dev.allows_branch("main"),
+            "a branch module without main excludes main"
+        );
     }
 
     #[test]
@@ -420,8 +433,14 @@ mod tests {
         assert!(!scope(Some(&["dev"]), None).covers(&scope(None, None)));
         let mut moved = wide.clone();
         let mut old_env = wide.clone();
-        old_env.environments.push(Environment { name: "production".into(), uid: "e1".into() });
-        moved.environments.push(Environment { name: "staging".into(), uid: "e2".into() });
+        old_env.environments.push(Environment {
+            name: "production".into(),
+            uid: "e1".into(),
+        });
+        moved.environments.push(Environment {
+            name: "staging".into(),
+            uid: "e2".into(),
+        });
         assert!(!moved.covers(&old_env));
     }
 
@@ -429,11 +448,22 @@ mod tests {
     fn lookups_tell_live_revoked_and_unknown_apart() {
         let empty = Registry::default();
         let (reg, diff) = empty
-            .next(vec![token("a", "tok-a", Some("prev-a")), token("b", "tok-b", None)], 100)
+            .next(
+                vec![
+                    token("a", "tok-a", Some("prev-a")),
+                    token("b", "tok-b", None),
+                ],
+                100,
+            )
             .unwrap();
         assert_eq!(diff.added.len(), 2);
-        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Live(t, TokenKind::Delivery) if &*t.uid == "a"));
-        assert!(matches!(reg.lookup(&Digest::of(b"prev-a")), Lookup::Live(_, TokenKind::Preview)));
+        assert!(
+            matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Live(t, TokenKind::Delivery) if &*t.uid == "a")
+        );
+        assert!(matches!(
+            reg.lookup(&Digest::of(b"prev-a")),
+            Lookup::Live(_, TokenKind::Preview)
+        ));
         assert!(matches!(reg.lookup(&Digest::of(b"nope")), Lookup::Unknown));
 
         // Token b deleted, a's preview token deleted alone.
@@ -441,39 +471,70 @@ mod tests {
         assert_eq!(diff.removed, vec!["b".to_string()]);
         assert_eq!(diff.preview_removed, vec!["a".to_string()]);
         assert_eq!(reg2.version(), reg.version() + 1);
-        assert!(matches!(reg2.lookup(&Digest::of(b"tok-b")), Lookup::Revoked(TokenKind::Delivery)));
-        assert!(matches!(reg2.lookup(&Digest::of(b"prev-a")), Lookup::Revoked(TokenKind::Preview)));
-        assert!(matches!(reg2.lookup(&Digest::of(b"tok-a")), Lookup::Live(..)));
+        assert!(matches!(
+            reg2.lookup(&Digest::of(b"tok-b")),
+            Lookup::Revoked(TokenKind::Delivery)
+        ));
+        assert!(matches!(
+            reg2.lookup(&Digest::of(b"prev-a")),
+            Lookup::Revoked(TokenKind::Preview)
+        ));
+        assert!(matches!(
+            reg2.lookup(&Digest::of(b"tok-a")),
+            Lookup::Live(..)
+        ));
 
         // Same list again: no change, no new version.
         assert!(reg2.next(vec![token("a", "tok-a", None)], 300).is_none());
 
         // Admin revocation hides a live token, lifting it restores it.
         let revoked = reg2.with_admin_revocation("a", true).unwrap();
-        assert!(matches!(revoked.lookup(&Digest::of(b"tok-a")), Lookup::Revoked(TokenKind::Delivery)));
+        assert!(matches!(
+            revoked.lookup(&Digest::of(b"tok-a")),
+            Lookup::Revoked(TokenKind::Delivery)
+        ));
         assert!(revoked.with_admin_revocation("a", true).is_none());
         let lifted = revoked.with_admin_revocation("a", false).unwrap();
-        assert!(matches!(lifted.lookup(&Digest::of(b"tok-a")), Lookup::Live(..)));
+        assert!(matches!(
+            lifted.lookup(&Digest::of(b"tok-a")),
+            Lookup::Live(..)
+        ));
     }
 
     #[test]
     fn revoked_memory_is_bounded_in_time() {
-        let (reg, _) = Registry::default().next(vec![token("a", "tok-a", None)], 0).unwrap();
+        let (reg, _) = Registry::default()
+            .next(vec![token("a", "tok-a", None)], 0)
+            .unwrap();
         let (reg, _) = reg.next(vec![token("b", "tok-b", None)], 10).unwrap();
-        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Revoked(_)));
+        assert!(matches!(
+            reg.lookup(&Digest::of(b"tok-a")),
+            Lookup::Revoked(_)
+        ));
         let later = 10 + REVOKED_MEMORY_SECS + 1;
         let (reg, _) = reg.next(vec![token("c", "tok-c", None)], later).unwrap();
         assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Unknown));
-        assert!(matches!(reg.lookup(&Digest::of(b"tok-b")), Lookup::Revoked(_)));
+        assert!(matches!(
+            reg.lookup(&Digest::of(b"tok-b")),
+            Lookup::Revoked(_)
+        ));
     }
 
     #[test]
     fn a_relisted_value_is_live_again() {
-        let (reg, _) = Registry::default().next(vec![token("a", "tok-a", None)], 0).unwrap();
+        let (reg, _) = Registry::default()
+            .next(vec![token("a", "tok-a", None)], 0)
+            .unwrap();
         let (reg, _) = reg.next(vec![], 1).unwrap();
-        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Revoked(_)));
+        assert!(matches!(
+            reg.lookup(&Digest::of(b"tok-a")),
+            Lookup::Revoked(_)
+        ));
         let (reg, _) = reg.next(vec![token("a", "tok-a", None)], 2).unwrap();
-        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Live(..)));
+        assert!(matches!(
+            reg.lookup(&Digest::of(b"tok-a")),
+            Lookup::Live(..)
+        ));
         assert!(reg.revoked().is_empty());
     }
 

@@ -107,13 +107,15 @@ fn convert(raw: CmaToken) -> Token {
     let mut scope = Scope::default();
     for module in raw.scope {
         match module.module.as_str() {
-            "environment" => scope.environments.extend(module.environments.into_iter().map(|env| match env {
-                EnvRef::Object { name, uid } => Environment { name, uid },
-                EnvRef::Name(name) => Environment {
-                    uid: name.clone(),
-                    name,
-                },
-            })),
+            "environment" => scope
+                .environments
+                .extend(module.environments.into_iter().map(|env| match env {
+                    EnvRef::Object { name, uid } => Environment { name, uid },
+                    EnvRef::Name(name) => Environment {
+                        uid: name.clone(),
+                        name,
+                    },
+                })),
             "branch" => scope
                 .branches
                 .get_or_insert_with(Vec::new)
@@ -127,7 +129,10 @@ fn convert(raw: CmaToken) -> Token {
     }
     scope.environments.sort();
     scope.environments.dedup();
-    for list in [&mut scope.branches, &mut scope.aliases].into_iter().flatten() {
+    for list in [&mut scope.branches, &mut scope.aliases]
+        .into_iter()
+        .flatten()
+    {
         list.sort();
         list.dedup();
     }

@@ -71,7 +71,12 @@ pub struct Loaded {
 }
 
 /// Writes `registry` for `stack` to `path` atomically with mode 0600.
-pub fn write(path: &Path, stack: &str, registry: &Registry, synced_at: SystemTime) -> Result<(), SnapshotError> {
+pub fn write(
+    path: &Path,
+    stack: &str,
+    registry: &Registry,
+    synced_at: SystemTime,
+) -> Result<(), SnapshotError> {
     let io = |source| SnapshotError::Io {
         path: path.to_owned(),
         source,
@@ -103,7 +108,11 @@ pub fn write(path: &Path, stack: &str, registry: &Registry, synced_at: SystemTim
                 at: r.at,
             })
             .collect(),
-        admin_revoked: registry.admin_revoked().iter().map(|u| u.to_string()).collect(),
+        admin_revoked: registry
+            .admin_revoked()
+            .iter()
+            .map(|u| u.to_string())
+            .collect(),
     };
     let body = serde_json::to_vec(&file).map_err(|err| SnapshotError::Format {
         path: path.to_owned(),
@@ -145,9 +154,13 @@ pub fn read(path: &Path, stack: &str) -> Result<Option<Loaded>, SnapshotError> {
         path: path.to_owned(),
         reason,
     };
-    let file: File = serde_json::from_slice(&body).map_err(|err| format(format!("line {}", err.line())))?;
+    let file: File =
+        serde_json::from_slice(&body).map_err(|err| format(format!("line {}", err.line())))?;
     if file.format != FORMAT {
-        return Err(format(format!("format {} (expected {FORMAT})", file.format)));
+        return Err(format(format!(
+            "format {} (expected {FORMAT})",
+            file.format
+        )));
     }
     if file.stack != stack {
         return Err(format(format!("written for stack {:?}", file.stack)));
@@ -216,9 +229,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/website.json");
         let (reg, _) = Registry::default()
-            .next(vec![token("a", "secret-a", Some("secret-p")), token("b", "secret-b", None)], 5)
+            .next(
+                vec![
+                    token("a", "secret-a", Some("secret-p")),
+                    token("b", "secret-b", None),
+                ],
+                5,
+            )
             .unwrap();
-        let (reg, _) = reg.next(vec![token("a", "secret-a", Some("secret-p"))], 6).unwrap();
+        let (reg, _) = reg
+            .next(vec![token("a", "secret-a", Some("secret-p"))], 6)
+            .unwrap();
         let reg = reg.with_admin_revocation("a", true).unwrap();
         write(&path, "website", &reg, SystemTime::now()).unwrap();
 
@@ -237,10 +258,18 @@ mod tests {
         assert_eq!(loaded.registry.version(), reg.version());
         assert_eq!(loaded.registry.len(), 1);
         assert!(loaded.registry.is_admin_revoked("a"));
-        assert!(matches!(loaded.registry.lookup(&Digest::of(b"secret-b")), Lookup::Revoked(_)));
-        assert!(matches!(loaded.registry.lookup(&Digest::of(b"secret-a")), Lookup::Revoked(_)));
+        assert!(matches!(
+            loaded.registry.lookup(&Digest::of(b"secret-b")),
+            Lookup::Revoked(_)
+        ));
+        assert!(matches!(
+            loaded.registry.lookup(&Digest::of(b"secret-a")),
+            Lookup::Revoked(_)
+        ));
         assert!(read(&path, "other").is_err());
-        assert!(read(&dir.path().join("missing.json"), "website").unwrap().is_none());
+        assert!(read(&dir.path().join("missing.json"), "website")
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -248,6 +277,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.json");
         std::fs::write(&path, b"{\"format\":1").unwrap();
-        assert!(matches!(read(&path, "s"), Err(SnapshotError::Format { .. })));
+        assert!(matches!(
+            read(&path, "s"),
+            Err(SnapshotError::Format { .. })
+        ));
     }
 }

@@ -127,7 +127,9 @@ impl CmaClient {
                 return Ok(tokens);
             }
             if added == 0 {
-                return Err(SyncError::Pagination("loops: a full page added no new token"));
+                return Err(SyncError::Pagination(
+                    "loops: a full page added no new token",
+                ));
             }
             if page.count.is_some_and(|count| tokens.len() as u64 >= count) {
                 return Ok(tokens);
@@ -177,9 +179,9 @@ impl CmaClient {
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(Duration::from_secs),
                 },
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::PRECONDITION_FAILED => {
-                    SyncError::Credential(status.as_u16())
-                }
+                StatusCode::UNAUTHORIZED
+                | StatusCode::FORBIDDEN
+                | StatusCode::PRECONDITION_FAILED => SyncError::Credential(status.as_u16()),
                 other => SyncError::Status(other.as_u16()),
             });
         }
@@ -221,14 +223,18 @@ impl FileSource {
             path: self.path.display().to_string(),
             reason,
         };
-        let meta = tokio::fs::metadata(&self.path).await.map_err(|e| error(e.to_string()))?;
+        let meta = tokio::fs::metadata(&self.path)
+            .await
+            .map_err(|e| error(e.to_string()))?;
         let stamp = (meta.modified().ok(), meta.len());
         if let Some((mtime, len, _)) = &self.last {
             if (*mtime, *len) == stamp {
                 return Ok(Fetched::Unchanged);
             }
         }
-        let body = tokio::fs::read(&self.path).await.map_err(|e| error(e.to_string()))?;
+        let body = tokio::fs::read(&self.path)
+            .await
+            .map_err(|e| error(e.to_string()))?;
         let digest = Digest::of(&body);
         if self.last.as_ref().is_some_and(|(_, _, d)| *d == digest) {
             self.last = Some((stamp.0, stamp.1, digest));

@@ -88,13 +88,21 @@ pub struct StackRegistry {
 
 impl std::fmt::Debug for StackRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StackRegistry").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("StackRegistry")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
 impl StackRegistry {
     /// A stack whose registry has not loaded yet.
-    pub fn new(index: usize, name: &str, api_key: &str, settings: RegistrySettings, source: Source) -> Self {
+    pub fn new(
+        index: usize,
+        name: &str,
+        api_key: &str,
+        settings: RegistrySettings,
+        source: Source,
+    ) -> Self {
         StackRegistry {
             index,
             name: Arc::from(name),
@@ -110,7 +118,13 @@ impl StackRegistry {
     }
 
     /// A stack serving `registry` as loaded just now (tests and benches).
-    pub fn with_registry(index: usize, name: &str, api_key: &str, settings: RegistrySettings, registry: Registry) -> Self {
+    pub fn with_registry(
+        index: usize,
+        name: &str,
+        api_key: &str,
+        settings: RegistrySettings,
+        registry: Registry,
+    ) -> Self {
         let source = Source::File(super::source::FileSource::new(std::path::PathBuf::new()));
         let stack = StackRegistry::new(index, name, api_key, settings, source);
         stack.install(Arc::new(registry), Instant::now(), SystemTime::now());
@@ -138,16 +152,23 @@ impl StackRegistry {
     }
 
     fn lock_status(&self) -> MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn install(&self, registry: Arc<Registry>, now: Instant, synced_at: SystemTime) {
-        let age = SystemTime::now().duration_since(synced_at).unwrap_or_default();
+        let age = SystemTime::now()
+            .duration_since(synced_at)
+            .unwrap_or_default();
         let fresh_until = self
             .settings
             .max_staleness
             .map(|max| now + max.saturating_sub(age));
-        self.current.store(Some(Arc::new(View { registry, fresh_until })));
+        self.current.store(Some(Arc::new(View {
+            registry,
+            fresh_until,
+        })));
     }
 
     /// Serves the snapshot, if the stack has one and it is readable.
@@ -288,7 +309,11 @@ impl StackRegistry {
     /// Sets or lifts an admin revocation of `uid`. `Ok(None)` if it was
     /// already so; `Err` if the stack does not list the uid (and, to lift,
     /// has not revoked it).
-    pub async fn set_admin_revocation(&self, uid: &str, revoked: bool) -> Result<Option<Change>, ()> {
+    pub async fn set_admin_revocation(
+        &self,
+        uid: &str,
+        revoked: bool,
+    ) -> Result<Option<Change>, ()> {
         let state = self.source.lock().await;
         let Some(view) = self.view() else {
             return Err(());
@@ -307,7 +332,10 @@ impl StackRegistry {
             fresh_until: view.fresh_until,
         })));
         drop(state);
-        let synced_at = self.lock_status().last_success.unwrap_or_else(SystemTime::now);
+        let synced_at = self
+            .lock_status()
+            .last_success
+            .unwrap_or_else(SystemTime::now);
         self.write_snapshot(&registry, synced_at).await;
         let mut diff = Diff::default();
         if revoked {
@@ -328,7 +356,10 @@ impl StackRegistry {
         };
         let registry = Arc::clone(registry);
         let name = Arc::clone(&self.name);
-        let result = tokio::task::spawn_blocking(move || snapshot::write(&path, &name, &registry, synced_at)).await;
+        let result = tokio::task::spawn_blocking(move || {
+            snapshot::write(&path, &name, &registry, synced_at)
+        })
+        .await;
         let mut status = self.lock_status();
         match result {
             Ok(Ok(())) => {

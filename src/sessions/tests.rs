@@ -30,12 +30,20 @@ fn fixture() -> Fixture {
         cors: Cors::default(),
     };
     let settings = RegistrySettings {
-        source: Source::File { path: PathBuf::new() },
+        source: Source::File {
+            path: PathBuf::new(),
+        },
         snapshot: None,
         max_removal_ratio: 1.0,
         max_staleness: None,
     };
-    let stack = Arc::new(StackRegistry::with_registry(0, "website", "k", settings, Registry::default()));
+    let stack = Arc::new(StackRegistry::with_registry(
+        0,
+        "website",
+        "k",
+        settings,
+        Registry::default(),
+    ));
     Fixture {
         sessions,
         metrics,
@@ -76,7 +84,12 @@ fn permit<'a>(f: &'a Fixture, token: &Arc<Token>, kind: SessionKind, branch: &st
 fn change(diff: Diff, tokens: Vec<Token>) -> Change {
     Change {
         diff,
-        registry: Arc::new(Registry::from_parts(2, tokens, Default::default(), Default::default())),
+        registry: Arc::new(Registry::from_parts(
+            2,
+            tokens,
+            Default::default(),
+            Default::default(),
+        )),
         learned_at: Instant::now(),
     }
 }
@@ -99,20 +112,32 @@ async fn http1_revocation_closes_the_connection_and_finishes_when_it_is_gone() {
     let f = fixture();
     let a = token("a", &["main"]);
     let conn = f.sessions.connection();
-    let guard = f.sessions.begin(&conn, &permit(&f, &a, SessionKind::Delivery, "main"), false);
+    let guard = f
+        .sessions
+        .begin(&conn, &permit(&f, &a, SessionKind::Delivery, "main"), false);
     drop(guard); // an idle keep-alive connection: no request in flight
     assert_eq!(f.sessions.live(0, "a"), 1);
-    assert!(f.metrics.render().contains("stackgate_active_sessions{stack=\"website\",token=\"a\"} 1"));
+    assert!(f
+        .metrics
+        .render()
+        .contains("stackgate_active_sessions{stack=\"website\",token=\"a\"} 1"));
 
     let revocation = f.sessions.revoke(0, &change(removed("a"), vec![]), false);
     assert_eq!(revocation.cancelled, 1);
-    assert!(conn.cancel.is_cancelled(), "the connection must be told to close");
+    assert!(
+        conn.cancel.is_cancelled(),
+        "the connection must be told to close"
+    );
     drop(conn); // the connection task ends
     closed_within(revocation).await;
     assert_eq!(f.sessions.live(0, "a"), 0);
     let text = f.metrics.render();
-    assert!(!text.contains("stackgate_active_sessions{stack=\"website\",token=\"a\"}"), "{text}");
-    assert!(text.contains("stackgate_sessions_dropped_total{cause=\"token_deleted\",stack=\"website\"} 1"));
+    assert!(
+        !text.contains("stackgate_active_sessions{stack=\"website\",token=\"a\"}"),
+        "{text}"
+    );
+    assert!(text
+        .contains("stackgate_sessions_dropped_total{cause=\"token_deleted\",stack=\"website\"} 1"));
     assert!(text.contains("stackgate_revocation_seconds_count 1"));
 }
 
@@ -121,17 +146,27 @@ async fn http2_revocation_resets_only_that_tokens_streams() {
     let f = fixture();
     let (a, b) = (token("a", &["main"]), token("b", &["main"]));
     let conn = f.sessions.connection();
-    let stream_a = f.sessions.begin(&conn, &permit(&f, &a, SessionKind::Delivery, "main"), true);
-    let stream_b = f.sessions.begin(&conn, &permit(&f, &b, SessionKind::Delivery, "main"), true);
+    let stream_a = f
+        .sessions
+        .begin(&conn, &permit(&f, &a, SessionKind::Delivery, "main"), true);
+    let stream_b = f
+        .sessions
+        .begin(&conn, &permit(&f, &b, SessionKind::Delivery, "main"), true);
 
-    let revocation = f.sessions.revoke(0, &change(removed("a"), vec![Token::clone(&b)]), false);
+    let revocation = f
+        .sessions
+        .revoke(0, &change(removed("a"), vec![Token::clone(&b)]), false);
     assert_eq!(revocation.cancelled, 1);
     assert!(stream_a.cancel.is_cancelled());
     assert!(!stream_b.cancel.is_cancelled());
     assert!(!conn.cancel.is_cancelled(), "the connection stays up for b");
     drop(stream_a);
     closed_within(revocation).await;
-    assert_eq!(f.sessions.live(0, "a"), 0, "a's session ends with its streams");
+    assert_eq!(
+        f.sessions.live(0, "a"),
+        0,
+        "a's session ends with its streams"
+    );
     assert_eq!(f.sessions.live(0, "b"), 1);
 }
 
@@ -141,13 +176,23 @@ async fn deleting_a_preview_token_ends_preview_sessions_only() {
     let a = token("a", &["main"]);
     let delivery_conn = f.sessions.connection();
     let preview_conn = f.sessions.connection();
-    let _d = f.sessions.begin(&delivery_conn, &permit(&f, &a, SessionKind::Delivery, "main"), false);
-    let _p = f.sessions.begin(&preview_conn, &permit(&f, &a, SessionKind::Preview, "main"), false);
+    let _d = f.sessions.begin(
+        &delivery_conn,
+        &permit(&f, &a, SessionKind::Delivery, "main"),
+        false,
+    );
+    let _p = f.sessions.begin(
+        &preview_conn,
+        &permit(&f, &a, SessionKind::Preview, "main"),
+        false,
+    );
     let diff = Diff {
         preview_removed: vec!["a".into()],
         ..Diff::default()
     };
-    let revocation = f.sessions.revoke(0, &change(diff, vec![Token::clone(&a)]), false);
+    let revocation = f
+        .sessions
+        .revoke(0, &change(diff, vec![Token::clone(&a)]), false);
     assert_eq!(revocation.cancelled, 1);
     assert!(preview_conn.cancel.is_cancelled());
     assert!(!delivery_conn.cancel.is_cancelled());
@@ -160,14 +205,30 @@ async fn narrowing_ends_only_uses_outside_the_new_scope() {
     let narrow = Token::clone(&token("a", &["main"]));
     // HTTP/2: one stream on main, one on dev.
     let h2 = f.sessions.connection();
-    let on_main = f.sessions.begin(&h2, &permit(&f, &wide, SessionKind::Delivery, "main"), true);
-    let on_dev = f.sessions.begin(&h2, &permit(&f, &wide, SessionKind::Delivery, "dev"), true);
+    let on_main = f
+        .sessions
+        .begin(&h2, &permit(&f, &wide, SessionKind::Delivery, "main"), true);
+    let on_dev = f
+        .sessions
+        .begin(&h2, &permit(&f, &wide, SessionKind::Delivery, "dev"), true);
     // HTTP/1.1: one connection used for main only, one that read dev once.
     let h1_main = f.sessions.connection();
-    drop(f.sessions.begin(&h1_main, &permit(&f, &wide, SessionKind::Delivery, "main"), false));
+    drop(f.sessions.begin(
+        &h1_main,
+        &permit(&f, &wide, SessionKind::Delivery, "main"),
+        false,
+    ));
     let h1_dev = f.sessions.connection();
-    drop(f.sessions.begin(&h1_dev, &permit(&f, &wide, SessionKind::Delivery, "dev"), false));
-    drop(f.sessions.begin(&h1_dev, &permit(&f, &wide, SessionKind::Delivery, "main"), false));
+    drop(f.sessions.begin(
+        &h1_dev,
+        &permit(&f, &wide, SessionKind::Delivery, "dev"),
+        false,
+    ));
+    drop(f.sessions.begin(
+        &h1_dev,
+        &permit(&f, &wide, SessionKind::Delivery, "main"),
+        false,
+    ));
 
     let diff = Diff {
         narrowed: vec!["a".into()],
@@ -185,7 +246,9 @@ async fn narrowing_ends_only_uses_outside_the_new_scope() {
 #[tokio::test]
 async fn a_revocation_with_nothing_to_cancel_completes_at_once() {
     let f = fixture();
-    let revocation = f.sessions.revoke(0, &change(removed("nobody"), vec![]), false);
+    let revocation = f
+        .sessions
+        .revoke(0, &change(removed("nobody"), vec![]), false);
     assert_eq!(revocation.cancelled, 0);
     closed_within(revocation).await;
 }
