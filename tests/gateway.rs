@@ -194,7 +194,7 @@ async fn h2c_prior_knowledge_is_served() {
     let w = world().await;
     let mut sender = h2c(w.gateway.http).await;
     let request = http::Request::builder()
-        .uri(format!("http://cdn.test/v3/entries"))
+        .uri("http://cdn.test/v3/entries")
         .header("api_key", API_KEY)
         .header("access_token", PROD)
         .body(Full::new(Bytes::new()))
