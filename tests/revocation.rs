@@ -1,0 +1,452 @@
+//! Revocation ends live sessions at once (SPEC §4), over real sockets: idle
+//! keep-alive connections, responses cut off mid-body, HTTP/2 streams reset
+//! while the connection carries on for other tokens, preview-only deletion,
+//! and scope narrowing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use support::*;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+struct World {
+    gateway: TestGateway,
+    origin: origin::Origin,
+    cma: cma::FakeCma,
+}
+
+async fn world() -> World {
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let gateway = spawn_ready(&config(&origin.url(), &cma_registry(&cma.url(), None))).await;
+    World {
+        gateway,
+        origin,
+        cma,
+    }
+}
+
+impl World {
+    /// Lists `tokens` in the CMA and syncs; returns when the gateway has applied it.
+    async fn sync_to(&self, tokens: Vec<serde_json::Value>) -> Instant {
+        self.cma.set_tokens(tokens);
+        let reply = self.gateway.admin("POST", "/admin/sync").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert!(
+            reply.json()["stacks"]["website"]["error"].is_null(),
+            "{}",
+            reply.text()
+        );
+        Instant::now()
+    }
+}
+
+/// A kept-alive HTTP/1.1 client connection that reports when the server closes it.
+struct KeepAlive {
+    sender: http1::SendRequest<Full<Bytes>>,
+    closed: oneshot::Receiver<()>,
+}
+
+async fn keep_alive(addr: SocketAddr) -> KeepAlive {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (tx, closed) = oneshot::channel();
+    tokio::spawn(async move {
+        let _ = connection.await;
+        let _ = tx.send(());
+    });
+    KeepAlive { sender, closed }
+}
+
+impl KeepAlive {
+    async fn get(&mut self, request: Request<Full<Bytes>>) -> Reply {
+        read(self.sender.send_request(request).await.unwrap()).await
+    }
+
+    async fn start(&mut self, request: Request<Full<Bytes>>) -> http::Response<Incoming> {
+        self.sender.send_request(request).await.unwrap()
+    }
+
+    /// Waits (5 s at most) for the server to close the connection.
+    async fn wait_closed(&mut self) {
+        tokio::time::timeout(Duration::from_secs(5), &mut self.closed)
+            .await
+            .expect("the gateway did not close the connection")
+            .unwrap();
+    }
+
+    fn is_open(&mut self) -> bool {
+        matches!(
+            self.closed.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        )
+    }
+}
+
+fn delivery(uri: &str, token: &str) -> Request<Full<Bytes>> {
+    get(
+        "cdn.test",
+        uri,
+        &[("api_key", API_KEY), ("access_token", token)],
+    )
+}
+
+fn delivery_on(uri: &str, token: &str, branch: &str) -> Request<Full<Bytes>> {
+    get(
+        "cdn.test",
+        uri,
+        &[
+            ("api_key", API_KEY),
+            ("access_token", token),
+            ("branch", branch),
+        ],
+    )
+}
+
+fn preview(uri: &str) -> Request<Full<Bytes>> {
+    get(
+        "preview.test",
+        uri,
+        &[
+            ("api_key", API_KEY),
+            ("access_token", PROD),
+            ("preview_token", PROD_PREVIEW),
+        ],
+    )
+}
+
+/// Reads until the body ends; returns (lines read, whether it ended in an
+/// error). The origin's stream chunks are one line each.
+async fn drain(body: &mut Incoming) -> (usize, bool) {
+    let mut lines = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), body.frame()).await {
+            Err(_) => panic!("body neither ended nor failed"),
+            Ok(None) => return (lines, false),
+            Ok(Some(Err(_))) => return (lines, true),
+            Ok(Some(Ok(frame))) => lines += frame.data_ref().map_or(0, |d| count_lines(d)),
+        }
+    }
+}
+
+fn count_lines(data: &Bytes) -> usize {
+    data.iter().filter(|&&b| b == b'\n').count()
+}
+
+/// Reads the first data frame, so the stream is known to be flowing; returns
+/// the lines in it.
+async fn first_chunk(body: &mut Incoming) -> usize {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("no first chunk")
+            .expect("body ended early")
+            .expect("body failed early");
+        if let Some(data) = frame.data_ref() {
+            return count_lines(data);
+        }
+    }
+}
+
+fn without_prod() -> Vec<serde_json::Value> {
+    standard_tokens()
+        .into_iter()
+        .filter(|t| t["uid"] != "blt_prod")
+        .collect()
+}
+
+#[tokio::test]
+async fn deleting_a_token_closes_its_idle_keep_alive_connections() {
+    let w = world().await;
+    let mut prod = keep_alive(w.gateway.http).await;
+    let mut staging = keep_alive(w.gateway.http).await;
+    assert_eq!(prod.get(delivery("/v3/a", PROD)).await.status, 200);
+    assert_eq!(staging.get(delivery("/v3/a", STAGING)).await.status, 200);
+    assert_eq!(w.gateway.shared.sessions.live(0, "blt_prod"), 1);
+
+    let learned = w.sync_to(without_prod()).await;
+    prod.wait_closed().await;
+    println!(
+        "idle keep-alive closed {:?} after the sync answered",
+        learned.elapsed()
+    );
+    assert!(staging.is_open(), "another token's connection was touched");
+    assert_eq!(staging.get(delivery("/v3/b", STAGING)).await.status, 200);
+    let reply = send(w.gateway.http, delivery("/v3/c", PROD)).await;
+    assert_eq!(reply.reason(), "token_revoked");
+
+    let metrics = w.gateway.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"stackgate_sessions_dropped_total{cause="token_deleted",stack="website"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("stackgate_revocation_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"token="blt_prod""#),
+        "series of a deleted token remain: {metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_streaming_response_is_cut_off_mid_body() {
+    let w = world().await;
+    let mut conn = keep_alive(w.gateway.http).await;
+    let response = conn
+        .start(delivery("/stream?chunks=200&interval_ms=50", PROD))
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    first_chunk(&mut body).await;
+
+    let learned = w.sync_to(without_prod()).await;
+    let (more, failed) = drain(&mut body).await;
+    println!(
+        "stream cut {:?} after the sync answered, {more} lines later",
+        learned.elapsed()
+    );
+    assert!(failed, "the body must end in an error, not run to its end");
+    assert!(more < 150, "the stream ran on: {more} more lines");
+    conn.wait_closed().await;
+    w.origin.wait_for_stream_aborted(1).await;
+    assert_eq!(w.origin.streams().completed, 0);
+}
+
+#[tokio::test]
+async fn http2_resets_only_the_revoked_tokens_streams() {
+    let w = world().await;
+    let mut h2 = h2c(w.gateway.http).await;
+    let uri = |path: &str| format!("http://cdn.test{path}");
+    let stream = |token: &str, path: &str| {
+        Request::builder()
+            .uri(uri(path))
+            .header("api_key", API_KEY)
+            .header("access_token", token)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let prod = h2
+        .send_request(stream(PROD, "/stream?chunks=200&interval_ms=50"))
+        .await
+        .unwrap();
+    let staging = h2
+        .send_request(stream(STAGING, "/stream?chunks=30&interval_ms=50"))
+        .await
+        .unwrap();
+    let (mut prod_body, mut staging_body) = (prod.into_body(), staging.into_body());
+    first_chunk(&mut prod_body).await;
+    let staging_first = first_chunk(&mut staging_body).await;
+
+    w.sync_to(without_prod()).await;
+    let (_, prod_failed) = drain(&mut prod_body).await;
+    assert!(prod_failed, "the revoked token's stream must be reset");
+    let (staging_chunks, staging_failed) = drain(&mut staging_body).await;
+    assert!(
+        !staging_failed,
+        "the other token's stream must run to its end"
+    );
+    assert_eq!(staging_first + staging_chunks, 30);
+
+    // The connection is still up for the other token.
+    let reply = read(h2.send_request(stream(STAGING, "/v3/after")).await.unwrap()).await;
+    assert_eq!(reply.status, 200);
+    let reply = read(h2.send_request(stream(PROD, "/v3/after")).await.unwrap()).await;
+    assert_eq!(reply.reason(), "token_revoked");
+    assert_eq!(w.gateway.shared.sessions.live(0, "blt_prod"), 0);
+}
+
+#[tokio::test]
+async fn deleting_only_the_preview_token_leaves_delivery_sessions_alone() {
+    let w = world().await;
+    let mut preview_conn = keep_alive(w.gateway.http).await;
+    let mut delivery_conn = keep_alive(w.gateway.http).await;
+    let preview_stream = preview_conn
+        .start(preview("/stream?chunks=200&interval_ms=50"))
+        .await;
+    let delivery_stream = delivery_conn
+        .start(delivery("/stream?chunks=40&interval_ms=50", PROD))
+        .await;
+    let (mut preview_body, mut delivery_body) =
+        (preview_stream.into_body(), delivery_stream.into_body());
+    first_chunk(&mut preview_body).await;
+    first_chunk(&mut delivery_body).await;
+
+    let mut tokens = standard_tokens();
+    tokens[0].as_object_mut().unwrap().remove("preview_token");
+    w.sync_to(tokens).await;
+
+    let (_, preview_failed) = drain(&mut preview_body).await;
+    assert!(preview_failed, "the preview session must end");
+    preview_conn.wait_closed().await;
+    let (_, delivery_failed) = drain(&mut delivery_body).await;
+    assert!(!delivery_failed, "the delivery session must go on");
+    assert!(delivery_conn.is_open());
+    assert_eq!(
+        delivery_conn.get(delivery("/v3/again", PROD)).await.status,
+        200
+    );
+    assert_eq!(
+        send(w.gateway.http, preview("/v3/again")).await.reason(),
+        "token_revoked"
+    );
+    let metrics = w.gateway.metrics().await;
+    assert!(metrics.contains(
+        r#"stackgate_sessions_dropped_total{cause="preview_deleted",stack="website"} 1"#
+    ));
+}
+
+#[tokio::test]
+async fn narrowing_a_scope_ends_only_the_sessions_it_no_longer_covers() {
+    let w = world().await;
+    let mut on_main = keep_alive(w.gateway.http).await;
+    let mut on_dev = keep_alive(w.gateway.http).await;
+    let mut on_alias = keep_alive(w.gateway.http).await;
+    assert_eq!(
+        on_main.get(delivery_on("/v3/a", PROD, "main")).await.status,
+        200
+    );
+    assert_eq!(
+        on_dev
+            .get(delivery_on("/v3/a", PROD, "development"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        on_alias
+            .get(delivery_on("/v3/a", PROD, "deploy"))
+            .await
+            .status,
+        200
+    );
+
+    let mut tokens = standard_tokens();
+    tokens[0] = cma::token_json(
+        "blt_prod",
+        "Production",
+        PROD,
+        Some(PROD_PREVIEW),
+        ("production", "blt_env_prod"),
+        Some(&["main"]),
+        Some(&["deploy"]),
+    );
+    w.sync_to(tokens).await;
+    on_dev.wait_closed().await;
+    assert!(on_main.is_open());
+    assert!(on_alias.is_open());
+    assert_eq!(
+        on_main.get(delivery_on("/v3/b", PROD, "main")).await.status,
+        200
+    );
+    assert_eq!(
+        on_alias
+            .get(delivery_on("/v3/b", PROD, "deploy"))
+            .await
+            .status,
+        200
+    );
+    let reply = send(w.gateway.http, delivery_on("/v3/c", PROD, "development")).await;
+    assert_eq!(reply.reason(), "branch_out_of_scope");
+
+    // Moving the token to another environment ends the rest.
+    let mut tokens = standard_tokens();
+    tokens[0] = cma::token_json(
+        "blt_prod",
+        "Production",
+        PROD,
+        Some(PROD_PREVIEW),
+        ("staging", "blt_env_staging"),
+        Some(&["main"]),
+        Some(&["deploy"]),
+    );
+    w.sync_to(tokens).await;
+    on_main.wait_closed().await;
+    on_alias.wait_closed().await;
+}
+
+#[tokio::test]
+async fn admin_revocation_ends_sessions_and_lifting_it_restores_access() {
+    let w = world().await;
+    let mut conn = keep_alive(w.gateway.http).await;
+    let response = conn
+        .start(delivery("/stream?chunks=200&interval_ms=50", PROD))
+        .await;
+    let mut body = response.into_body();
+    first_chunk(&mut body).await;
+
+    let started = Instant::now();
+    let reply = w
+        .gateway
+        .admin("POST", "/admin/tokens/blt_prod/revoke")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["sessions_cancelled"], 1);
+    let (_, failed) = drain(&mut body).await;
+    assert!(failed);
+    conn.wait_closed().await;
+    println!(
+        "admin revocation: stream cut and connection closed {:?} after the call",
+        started.elapsed()
+    );
+    assert_eq!(
+        send(w.gateway.http, delivery("/v3/x", PROD)).await.reason(),
+        "token_revoked"
+    );
+    let metrics = w.gateway.metrics().await;
+    assert!(metrics
+        .contains(r#"stackgate_sessions_dropped_total{cause="admin_revoked",stack="website"} 1"#));
+
+    // Still revoked after a sync that lists the token.
+    w.sync_to(standard_tokens()).await;
+    assert_eq!(
+        send(w.gateway.http, delivery("/v3/x", PROD)).await.reason(),
+        "token_revoked"
+    );
+    let reply = w
+        .gateway
+        .admin("DELETE", "/admin/tokens/blt_prod/revoke")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        send(w.gateway.http, delivery("/v3/x", PROD)).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_request_waiting_for_its_response_head_is_aborted() {
+    let w = world().await;
+    let mut conn = keep_alive(w.gateway.http).await;
+    let pending = tokio::spawn(async move {
+        let result = conn
+            .sender
+            .send_request(delivery("/slow?ms=5000", PROD))
+            .await;
+        (result.is_err(), conn)
+    });
+    w.origin.wait_for_requests(1).await;
+    let started = Instant::now();
+    w.sync_to(without_prod()).await;
+    let (failed, mut conn) = tokio::time::timeout(Duration::from_secs(3), pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(failed, "the request must be aborted, not answered");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    conn.wait_closed().await;
+}
