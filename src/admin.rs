@@ -21,6 +21,9 @@ use crate::registry::snapshot::unix_secs;
 use crate::response::{self, Body};
 use crate::Shared;
 
+/// How long an admin revocation waits for its snapshot write before answering.
+pub const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves the admin listener until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -90,12 +93,14 @@ fn authorized(shared: &Shared, request: &Request<Incoming>) -> bool {
     let Some(expected) = &shared.config.admin_token else {
         return false;
     };
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
     let presented = request
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes()))
 }
 
@@ -139,6 +144,13 @@ async fn set_revocation(shared: &Shared, uid: &str, revoked: bool) -> Response<B
                 if revoked {
                     cancelled += shared.apply_change(stack, &change, true);
                 }
+                // Sessions are cut first; the answer waits until it is on disk.
+                let version = change.registry.version();
+                if stack.settings().snapshot.is_some()
+                    && !stack.wait_snapshot(version, SNAPSHOT_WAIT).await
+                {
+                    tracing::warn!(stack = %stack.name, "admin revocation applied but not yet persisted");
+                }
                 tracing::info!(stack = %stack.name, token = uid, revoked, "admin revocation changed");
                 found.push(stack.name.to_string());
             }
@@ -166,6 +178,7 @@ fn tokens(shared: &Shared) -> Value {
         let mut tokens: Vec<_> = registry.tokens().collect();
         tokens.sort_by(|a, b| a.uid.cmp(&b.uid));
         for token in tokens {
+            let usage = shared.usage.get(stack.index, &token.uid);
             let environment = token
                 .scope
                 .environments
@@ -181,6 +194,9 @@ fn tokens(shared: &Shared) -> Value {
                 "has_preview": token.preview.is_some(),
                 "revoked": registry.is_admin_revoked(&token.uid),
                 "live_sessions": shared.sessions.live(stack.index, &token.uid),
+                "requests": usage.map_or(0, |u| u.0),
+                "rejections": usage.map_or(0, |u| u.1),
+                "last_used": usage.and_then(|u| (u.2 > 0).then_some(u.2)),
             }));
         }
     }

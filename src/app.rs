@@ -36,6 +36,7 @@ pub struct Shared {
     pub sessions: Arc<Sessions>,
     pub client: HttpClient,
     pub metrics: Metrics,
+    pub usage: crate::metrics::TokenUsage,
     pub http: auto::Builder<TokioExecutor>,
     /// Wakes every stack's sync loop (admin API).
     pub sync_now: Notify,
@@ -124,6 +125,7 @@ impl Shared {
             stacks,
             client,
             metrics,
+            usage: Default::default(),
             http: server::http_builder(),
             sync_now: Notify::new(),
         }))
@@ -177,6 +179,7 @@ impl Shared {
         if !admin {
             for uid in &diff.removed {
                 self.metrics.forget_token(&stack.name, uid);
+                self.usage.forget(stack.index, uid);
             }
         }
         record_registry(&self.metrics, stack, &change.registry);
@@ -287,6 +290,7 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
         for stack in shared.stacks.iter() {
+            tracker.spawn(Arc::clone(stack).snapshot_writer(shutdown.clone()));
             tracker.spawn(sync_loop(
                 Arc::clone(&shared),
                 Arc::clone(stack),

@@ -10,6 +10,12 @@ use stackgate::config::Config;
 use stackgate::logging::{self, LogFormat};
 use stackgate::Gateway;
 
+/// mimalloc: many small, short-lived allocations per request and per
+/// connection; glibc's free path (chunk consolidation) showed in revocation
+/// profiles. See BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Edge gateway for Contentstack's delivery, preview and GraphQL APIs.
 #[derive(Parser)]
 #[command(version, about)]

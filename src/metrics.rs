@@ -181,3 +181,57 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 }
+
+/// Per-token counters for `GET /admin/tokens`: requests seen, how many were
+/// refused, and when the token was last used. Entries go with their token.
+#[derive(Default)]
+pub struct TokenUsage {
+    by_token: dashmap::DashMap<(usize, std::sync::Arc<str>), Usage>,
+}
+
+/// One token's counters.
+#[derive(Default)]
+pub struct Usage {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub rejections: std::sync::atomic::AtomicU64,
+    /// Unix seconds.
+    pub last_used: std::sync::atomic::AtomicU64,
+}
+
+impl TokenUsage {
+    /// Counts a request of token `uid` on stack `stack`.
+    pub fn record(&self, stack: usize, uid: &std::sync::Arc<str>, refused: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let bump = |usage: &Usage| {
+            usage.requests.fetch_add(1, Relaxed);
+            if refused {
+                usage.rejections.fetch_add(1, Relaxed);
+            }
+            usage.last_used.store(now, Relaxed);
+        };
+        let key = (stack, std::sync::Arc::clone(uid));
+        match self.by_token.get(&key) {
+            Some(usage) => bump(&usage),
+            None => bump(&self.by_token.entry(key).or_default()),
+        }
+    }
+
+    /// `(requests, rejections, last_used)` of a token, if it was ever used.
+    pub fn get(&self, stack: usize, uid: &str) -> Option<(u64, u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let usage = self.by_token.get(&(stack, std::sync::Arc::from(uid)))?;
+        Some((
+            usage.requests.load(Relaxed),
+            usage.rejections.load(Relaxed),
+            usage.last_used.load(Relaxed),
+        ))
+    }
+
+    /// Drops a token that is gone.
+    pub fn forget(&self, stack: usize, uid: &str) {
+        self.by_token.remove(&(stack, std::sync::Arc::from(uid)));
+    }
+}

@@ -157,6 +157,9 @@ fn refuse(
         .rejections
         .with_label_values(&[stack_name, reject.reason()])
         .inc();
+    if let (Some(stack), Some(uid)) = (stack, &token) {
+        shared.usage.record(stack.index, uid, true);
+    }
     let outcome = match reject {
         Reject::UpstreamError | Reject::UpstreamTimeout => "upstream_error",
         _ => "rejected",
@@ -288,8 +291,9 @@ async fn forward(
     let timeout = shared.config.upstream.request_timeout;
     let call = tokio::time::timeout(timeout, shared.client.request(upstream_request));
     let answer = tokio::select! {
-        answer = call => answer,
+        biased;
         () = guard.cancel.cancelled() => return Err(Aborted::Revoked),
+        answer = call => answer,
     };
     let route_name = permit.route.kind.name();
     let upstream = match answer {
@@ -323,6 +327,9 @@ async fn forward(
             "forwarded",
         ])
         .inc();
+    shared
+        .usage
+        .record(permit.stack.index, &permit.token.uid, false);
     tracing::info!(
         target: "stackgate::access",
         request_id = %log_id(parts),

@@ -64,6 +64,8 @@ pub struct Activity {
     finished: AtomicU64,
     /// A head with conflicting framing was read (SPEC §3 row 16).
     smuggled: AtomicBool,
+    /// Close with a reset rather than a FIN: the connection was revoked.
+    abortive: AtomicBool,
     changed: Notify,
 }
 
@@ -81,6 +83,7 @@ impl Activity {
             partial_since: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             smuggled: AtomicBool::new(false),
+            abortive: AtomicBool::new(false),
             changed: Notify::new(),
         })
     }
@@ -150,13 +153,13 @@ impl Drop for ActivityGuard {
 
 /// Notes when bytes arrive, so that a head trickling in is timed, and scans
 /// HTTP/1.1 heads (not bodies) for conflicting framing headers.
-struct WatchedIo<T> {
+struct WatchedIo<T: Abort> {
     inner: T,
     activity: Arc<Activity>,
     scanner: HeadScanner,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
+impl<T: AsyncRead + Abort + Unpin> AsyncRead for WatchedIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -174,6 +177,33 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchedIo<T> {
             }
         }
         result
+    }
+}
+
+impl<T: Abort> Drop for WatchedIo<T> {
+    fn drop(&mut self) {
+        if self.activity.abortive.load(Ordering::Acquire) {
+            self.inner.abort_on_close();
+        }
+    }
+}
+
+/// A transport that can be closed with a reset: a revoked session is cut
+/// off, and an abortive close costs both ends less than a FIN handshake.
+pub trait Abort {
+    /// Makes the coming close send RST (`SO_LINGER` 0).
+    fn abort_on_close(&self);
+}
+
+impl Abort for TcpStream {
+    fn abort_on_close(&self) {
+        let _ = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO));
+    }
+}
+
+impl Abort for tokio_rustls::server::TlsStream<TcpStream> {
+    fn abort_on_close(&self) {
+        self.get_ref().0.abort_on_close();
     }
 }
 
@@ -263,7 +293,7 @@ impl HeadScanner {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for WatchedIo<T> {
+impl<T: AsyncWrite + Abort + Unpin> AsyncWrite for WatchedIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -376,7 +406,7 @@ pub async fn serve_connection<I>(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Abort + Unpin + Send + 'static,
 {
     let activity = Activity::new();
     let info = Arc::new(ConnInfo {
@@ -406,15 +436,19 @@ pub async fn serve_connection<I>(
     loop {
         let deadline = activity.deadline(header_timeout, idle_timeout);
         let changed = activity.changed.notified();
+        // Biased, revocation first: once a session is cancelled, hyper is
+        // not polled again, so not one more byte goes out on it.
         tokio::select! {
+            biased;
+            () = revoked.cancelled() => {
+                tracing::debug!(%peer, "connection closed: its session was revoked");
+                activity.abortive.store(true, Ordering::Release);
+                break;
+            }
             result = connection.as_mut() => {
                 if let Err(err) = result {
                     tracing::debug!(%peer, error = %err, "connection ended with an error");
                 }
-                break;
-            }
-            () = revoked.cancelled() => {
-                tracing::debug!(%peer, "connection closed: its session was revoked");
                 break;
             }
             () = shutdown.cancelled(), if !draining => {
@@ -437,16 +471,6 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
-}
-
-/// Accepts a TCP connection for tests and tools that drive a listener themselves.
-pub async fn serve_tcp(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
-    serve_connection(stream, peer, "http", shared, shutdown).await;
 }
 
 /// Why the TLS configuration could not be loaded.

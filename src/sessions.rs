@@ -243,7 +243,6 @@ impl Sessions {
                 id
             }
         };
-        self.publish(&key, &entry);
         let cancel = match entry.get_mut(&session_id) {
             Some(session) => {
                 if session.closes_connection && !session.used.iter().any(|u| u.same_reach(&usage)) {
@@ -274,32 +273,25 @@ impl Sessions {
         }
     }
 
-    /// Publishes a token's session count; called with its map entry locked,
-    /// so that concurrent changes publish in the order they happened.
-    /// Returns whether the entry is now empty and may be removed.
-    fn publish(&self, key: &TokenKey, sessions: &HashMap<u64, Session>) -> bool {
-        self.set_gauge(key, sessions.len());
-        sessions.is_empty()
-    }
-
     /// Drops a token's entry once it holds no session.
     fn remove_if_empty(&self, key: &TokenKey) {
         self.by_token
             .remove_if(key, |_, sessions| sessions.is_empty());
     }
 
-    fn set_gauge(&self, key: &TokenKey, count: usize) {
-        let stack = self.stack_name(key.stack);
-        if count == 0 {
-            let _ = self
-                .metrics
-                .active_sessions
-                .remove_label_values(&[stack, &key.uid]);
-        } else {
-            self.metrics
-                .active_sessions
-                .with_label_values(&[stack, &key.uid])
-                .set(count as i64);
+    /// Sets `stackgate_active_sessions` from the map, dropping the series of
+    /// tokens with no session. Called at scrape time, so that opening and
+    /// closing sessions (and revoking thousands at once) touch no metric.
+    pub fn export(&self) {
+        let gauge = &self.metrics.active_sessions;
+        gauge.reset();
+        for entry in self.by_token.iter() {
+            if !entry.is_empty() {
+                let key = entry.key();
+                gauge
+                    .with_label_values(&[self.stack_name(key.stack), &key.uid])
+                    .set(entry.len() as i64);
+            }
         }
     }
 
@@ -311,7 +303,7 @@ impl Sessions {
                 tracker = s.requests.remove(&request).and_then(|r| r.tracker);
                 if s.ended && s.requests.is_empty() {
                     entry.remove(&session);
-                    empty = self.publish(key, &entry);
+                    empty = entry.is_empty();
                 }
             }
         }
@@ -330,7 +322,7 @@ impl Sessions {
             if let Some(closed) = entry.remove(&session) {
                 trackers.extend(closed.tracker);
                 trackers.extend(closed.requests.into_values().filter_map(|r| r.tracker));
-                empty = self.publish(key, &entry);
+                empty = entry.is_empty();
             }
         }
         if empty {
@@ -399,7 +391,9 @@ impl Sessions {
             stack,
             uid: Arc::from(uid),
         };
-        let mut cancelled = 0;
+        // Marked under the lock, cancelled after it is released: a woken
+        // connection task must not find its token's entry still locked.
+        let mut to_cancel = Vec::new();
         let mut empty = false;
         if let Some(mut entry) = self.by_token.get_mut(&key) {
             for session in entry.values_mut() {
@@ -410,8 +404,7 @@ impl Sessions {
                     {
                         tracker.remaining.fetch_add(1, Ordering::AcqRel);
                         session.tracker = Some(Arc::clone(tracker));
-                        session.cancel.cancel();
-                        cancelled += 1;
+                        to_cancel.push(session.cancel.clone());
                     }
                     continue;
                 }
@@ -419,8 +412,7 @@ impl Sessions {
                     if inflight.tracker.is_none() && ending.hits(kind, &inflight.usage) {
                         tracker.remaining.fetch_add(1, Ordering::AcqRel);
                         inflight.tracker = Some(Arc::clone(tracker));
-                        inflight.cancel.cancel();
-                        cancelled += 1;
+                        to_cancel.push(inflight.cancel.clone());
                     }
                 }
                 // The connection stays up for other tokens; this token's
@@ -428,10 +420,14 @@ impl Sessions {
                 session.ended |= ending.ends_session(kind);
             }
             entry.retain(|_, s| !(s.ended && s.requests.is_empty()));
-            empty = self.publish(&key, &entry);
+            empty = entry.is_empty();
         }
         if empty {
             self.remove_if_empty(&key);
+        }
+        let cancelled = to_cancel.len();
+        for cancel in to_cancel {
+            cancel.cancel();
         }
         if cancelled > 0 {
             self.metrics

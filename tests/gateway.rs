@@ -624,4 +624,38 @@ async fn metrics_count_by_token_uid_and_reason() {
     for value in ALL_VALUES {
         assert!(!text.contains(value));
     }
+
+    // A refusal that names the token counts against it.
+    send(
+        w.gateway.http,
+        get(
+            "cdn.test",
+            "/v3/x?environment=staging",
+            &[SITE, ("access_token", PROD)],
+        ),
+    )
+    .await;
+    let tokens = w.gateway.admin("GET", "/admin/tokens").await.json();
+    let prod = tokens["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["uid"] == "blt_prod")
+        .unwrap()
+        .clone();
+    assert_eq!(prod["requests"], 2, "{prod}");
+    assert_eq!(prod["rejections"], 1, "{prod}");
+    assert!(
+        prod["last_used"].as_u64().unwrap() > 1_700_000_000,
+        "{prod}"
+    );
+    let staging = tokens["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["uid"] == "blt_staging")
+        .unwrap()
+        .clone();
+    assert_eq!(staging["requests"], 0);
+    assert!(staging["last_used"].is_null());
 }

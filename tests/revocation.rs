@@ -135,7 +135,7 @@ async fn drain(body: &mut Incoming) -> (usize, bool) {
             Err(_) => panic!("body neither ended nor failed"),
             Ok(None) => return (lines, false),
             Ok(Some(Err(_))) => return (lines, true),
-            Ok(Some(Ok(frame))) => lines += frame.data_ref().map_or(0, |d| count_lines(d)),
+            Ok(Some(Ok(frame))) => lines += frame.data_ref().map_or(0, count_lines),
         }
     }
 }

@@ -84,11 +84,12 @@ pub enum Source {
 }
 
 impl Source {
-    /// Fetches the whole list.
-    pub async fn fetch(&mut self) -> Result<Fetched, SyncError> {
+    /// Fetches the whole list. `refresh` re-reads a file even if it has not
+    /// changed (a held-back removal is confirmed, or forced, by its content).
+    pub async fn fetch(&mut self, refresh: bool) -> Result<Fetched, SyncError> {
         match self {
             Source::Cma(cma) => cma.fetch_all().await.map(Fetched::Tokens),
-            Source::File(file) => file.fetch().await,
+            Source::File(file) => file.fetch(refresh).await,
         }
     }
 }
@@ -218,7 +219,7 @@ impl FileSource {
         FileSource { path, last: None }
     }
 
-    async fn fetch(&mut self) -> Result<Fetched, SyncError> {
+    async fn fetch(&mut self, refresh: bool) -> Result<Fetched, SyncError> {
         let error = |reason: String| SyncError::File {
             path: self.path.display().to_string(),
             reason,
@@ -228,7 +229,7 @@ impl FileSource {
             .map_err(|e| error(e.to_string()))?;
         let stamp = (meta.modified().ok(), meta.len());
         if let Some((mtime, len, _)) = &self.last {
-            if (*mtime, *len) == stamp {
+            if (*mtime, *len) == stamp && !refresh {
                 return Ok(Fetched::Unchanged);
             }
         }
@@ -236,7 +237,7 @@ impl FileSource {
             .await
             .map_err(|e| error(e.to_string()))?;
         let digest = Digest::of(&body);
-        if self.last.as_ref().is_some_and(|(_, _, d)| *d == digest) {
+        if !refresh && self.last.as_ref().is_some_and(|(_, _, d)| *d == digest) {
             self.last = Some((stamp.0, stamp.1, digest));
             return Ok(Fetched::Unchanged);
         }

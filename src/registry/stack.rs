@@ -84,6 +84,9 @@ pub struct StackRegistry {
     current: ArcSwapOption<View>,
     status: Mutex<Status>,
     source: tokio::sync::Mutex<SourceState>,
+    snapshot_jobs: tokio::sync::watch::Sender<Option<SnapshotJob>>,
+    /// The registry version the snapshot file holds.
+    snapshot_written: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for StackRegistry {
@@ -114,6 +117,8 @@ impl StackRegistry {
                 source,
                 pending_removal: None,
             }),
+            snapshot_jobs: tokio::sync::watch::Sender::new(None),
+            snapshot_written: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -181,6 +186,8 @@ impl StackRegistry {
             return Ok(None);
         };
         let count = loaded.registry.len();
+        self.snapshot_written
+            .send_replace(loaded.registry.version());
         self.install(Arc::new(loaded.registry), Instant::now(), loaded.synced_at);
         let mut status = self.lock_status();
         status.last_success = Some(loaded.synced_at);
@@ -192,7 +199,8 @@ impl StackRegistry {
     /// that the mass-removal guard would hold back.
     pub async fn sync(&self, force: bool) -> (SyncReport, Option<Change>) {
         let mut state = self.source.lock().await;
-        let fetched = state.source.fetch().await;
+        let refresh = force || state.pending_removal.is_some();
+        let fetched = state.source.fetch(refresh).await;
         let now = Instant::now();
         let wall = SystemTime::now();
         let tokens = match fetched {
@@ -234,23 +242,21 @@ impl StackRegistry {
             None => (base, None),
         };
         self.install(Arc::clone(&registry), now, wall);
-        drop(state);
-
-        let write_snapshot = {
+        {
             let mut status = self.lock_status();
             status.last_success = Some(wall);
             status.consecutive_failures = 0;
             status.last_error = None;
             status.held_back = held_back.clone();
-            change.is_some()
-                || previous.is_none()
-                || status
-                    .snapshot_written
-                    .is_none_or(|t| wall.duration_since(t).unwrap_or_default() >= SNAPSHOT_REFRESH)
-        };
-        if write_snapshot {
-            self.write_snapshot(&registry, wall).await;
+            let refresh_due = status
+                .snapshot_written
+                .is_none_or(|t| wall.duration_since(t).unwrap_or_default() >= SNAPSHOT_REFRESH);
+            if change.is_some() || previous.is_none() || refresh_due {
+                // Queued under the source lock, so snapshots follow versions.
+                self.queue_snapshot(&registry, wall);
+            }
         }
+        drop(state);
         let report = SyncReport {
             diff: change.as_ref().map(|c| c.diff.clone()).unwrap_or_default(),
             held_back,
@@ -331,12 +337,12 @@ impl StackRegistry {
             registry: Arc::clone(&registry),
             fresh_until: view.fresh_until,
         })));
-        drop(state);
         let synced_at = self
             .lock_status()
             .last_success
             .unwrap_or_else(SystemTime::now);
-        self.write_snapshot(&registry, synced_at).await;
+        self.queue_snapshot(&registry, synced_at);
+        drop(state);
         let mut diff = Diff::default();
         if revoked {
             diff.removed.push(uid.to_owned());
@@ -350,12 +356,59 @@ impl StackRegistry {
         }))
     }
 
-    async fn write_snapshot(&self, registry: &Arc<Registry>, synced_at: SystemTime) {
+    /// Hands the registry to the snapshot writer (latest wins).
+    fn queue_snapshot(&self, registry: &Arc<Registry>, synced_at: SystemTime) {
+        if self.settings.snapshot.is_some() {
+            self.snapshot_jobs.send_replace(Some(SnapshotJob {
+                registry: Arc::clone(registry),
+                synced_at,
+            }));
+        }
+    }
+
+    /// Waits until the snapshot holds `version` or later; false after `timeout`
+    /// (or when the stack has no snapshot file).
+    pub async fn wait_snapshot(&self, version: u64, timeout: Duration) -> bool {
+        if self.settings.snapshot.is_none() {
+            return false;
+        }
+        let mut written = self.snapshot_written.subscribe();
+        tokio::time::timeout(timeout, written.wait_for(|v| *v >= version))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Writes queued snapshots one at a time, in the order they were queued,
+    /// until shutdown; then writes the last one still pending.
+    pub async fn snapshot_writer(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         let Some(path) = self.settings.snapshot.clone() else {
             return;
         };
-        let registry = Arc::clone(registry);
-        let name = Arc::clone(&self.name);
+        let mut jobs = self.snapshot_jobs.subscribe();
+        jobs.mark_changed();
+        loop {
+            let stopping = tokio::select! {
+                changed = jobs.changed() => changed.is_err(),
+                () = shutdown.cancelled() => true,
+            };
+            let pending = stopping && !jobs.has_changed().unwrap_or(false);
+            let job = jobs.borrow_and_update().clone();
+            if let (Some(job), false) = (job, pending) {
+                self.write_snapshot(&path, job).await;
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    async fn write_snapshot(&self, path: &std::path::Path, job: SnapshotJob) {
+        let SnapshotJob {
+            registry,
+            synced_at,
+        } = job;
+        let version = registry.version();
+        let (path, name) = (path.to_owned(), Arc::clone(&self.name));
         let result = tokio::task::spawn_blocking(move || {
             snapshot::write(&path, &name, &registry, synced_at)
         })
@@ -365,6 +418,8 @@ impl StackRegistry {
             Ok(Ok(())) => {
                 status.snapshot_written = Some(synced_at);
                 status.snapshot_error = None;
+                drop(status);
+                self.snapshot_written.send_replace(version);
             }
             Ok(Err(err)) => {
                 tracing::error!(stack = %self.name, error = %err, "snapshot not written");
@@ -376,4 +431,11 @@ impl StackRegistry {
             }
         }
     }
+}
+
+/// A registry waiting to be written to the snapshot file.
+#[derive(Clone)]
+struct SnapshotJob {
+    registry: Arc<Registry>,
+    synced_at: SystemTime,
 }

@@ -117,6 +117,7 @@ async fn http1_revocation_closes_the_connection_and_finishes_when_it_is_gone() {
         .begin(&conn, &permit(&f, &a, SessionKind::Delivery, "main"), false);
     drop(guard); // an idle keep-alive connection: no request in flight
     assert_eq!(f.sessions.live(0, "a"), 1);
+    f.sessions.export();
     assert!(f
         .metrics
         .render()
@@ -131,6 +132,7 @@ async fn http1_revocation_closes_the_connection_and_finishes_when_it_is_gone() {
     drop(conn); // the connection task ends
     closed_within(revocation).await;
     assert_eq!(f.sessions.live(0, "a"), 0);
+    f.sessions.export();
     let text = f.metrics.render();
     assert!(
         !text.contains("stackgate_active_sessions{stack=\"website\",token=\"a\"}"),
