@@ -570,7 +570,24 @@ pub fn load_tls(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
     .map_err(|e| TlsError::Config(e.to_string()))?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| TlsError::Config(e.to_string()))?;
+    .map_err(|e| match e {
+        // A PEM block whose contents are not a certificate.
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            cert_error(e.to_string())
+        }
+        rustls::Error::InconsistentKeys(_) => TlsError::Key {
+            path: files.key.clone(),
+            reason: format!(
+                "does not match the certificate in tls.cert {}: {e}",
+                files.cert.display()
+            ),
+        },
+        // The key could not be loaded (unsupported or malformed).
+        _ => TlsError::Key {
+            path: files.key.clone(),
+            reason: e.to_string(),
+        },
+    })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
