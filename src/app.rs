@@ -37,6 +37,8 @@ pub struct Shared {
     pub client: HttpClient,
     pub metrics: Metrics,
     pub usage: crate::metrics::TokenUsage,
+    /// Rate limits (SPEC §6).
+    pub limits: crate::limits::Limits,
     pub http: auto::Builder<TokioExecutor>,
     /// Wakes every stack's sync loop (admin API).
     pub sync_now: Notify,
@@ -120,6 +122,7 @@ impl Shared {
         let stacks = Stacks::new(list);
         Ok(Arc::new(Shared {
             sessions: Sessions::new(metrics.clone(), names),
+            limits: crate::limits::Limits::new(&config.stacks),
             config,
             router,
             stacks,
@@ -180,6 +183,7 @@ impl Shared {
             for uid in &diff.removed {
                 self.metrics.forget_token(&stack.name, uid);
                 self.usage.forget(stack.index, uid);
+                self.limits.forget(stack.index, uid);
             }
         }
         record_registry(&self.metrics, stack, &change.registry);

@@ -11,6 +11,8 @@
 //! - [`decision`]: the decision table of SPEC §3 as pure functions.
 //! - [`response`]: the one place a refusal becomes a response.
 //! - [`sessions`]: live sessions per token, and revocation.
+//! - [`limits`]: rate limits (SPEC §6): per token, per stack origin, and
+//!   failed authentications per client IP.
 //! - [`proxy`]: the request path (check, decide, forward, stream back).
 //! - [`server`]: listeners, TLS, the per-connection task and its timeouts.
 //! - [`upstream`]: the pooled rustls client for upstreams and the CMA.
@@ -29,6 +31,7 @@ pub mod app;
 pub mod config;
 pub mod decision;
 pub mod demo;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

@@ -1,12 +1,13 @@
 //! The request path: check, decide, forward, stream back.
 //!
 //! Every request goes through [`handle`]: row 16 ([`check_http`]), then the
-//! decision ([`decide`]), then, for a permit, the session registration, the
-//! upstream call and the streaming response. Every refusal is rendered by
+//! decision ([`decide`]), then the rate limits of row 15 ([`crate::limits`]),
+//! then, for a permit, the session registration, the upstream call and the
+//! streaming response. Every refusal is rendered by
 //! [`response::rejection`]; nothing refused is forwarded.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -107,10 +108,58 @@ async fn route_request(
         };
         return Ok(refuse(shared, parts, refusal, started));
     }
+    let client = conn.peer.ip();
     match decide(&shared.router, &shared.stacks, parts, started) {
         Decision::Preflight(route) => Ok(preflight(route, parts)),
-        Decision::Refuse(refusal) => Ok(refuse(shared, parts, refusal, started)),
-        Decision::Forward(permit) => forward(shared, conn, parts, body, permit, started).await,
+        Decision::Refuse(refusal) => {
+            let refusal = count_failed_auth(shared, client, refusal);
+            Ok(refuse(shared, parts, refusal, started))
+        }
+        Decision::Forward(permit) => match admit(shared, client, &permit) {
+            Ok(()) => forward(shared, conn, parts, body, permit, started).await,
+            Err(refusal) => Ok(refuse(shared, parts, refusal, started)),
+        },
+    }
+}
+
+/// Row 15 for a permitted request: the client's failed-authentication
+/// penalty first, then the token's and the origin's buckets.
+///
+/// `decide` is pure, so having run it for a penalised client and answering
+/// 429 instead is the same, seen from outside, as not evaluating the token
+/// at all: the penalty refusal names no token and spends no token budget.
+fn admit<'a>(shared: &Shared, client: IpAddr, permit: &Permit<'a>) -> Result<(), Refusal<'a>> {
+    let limits = &shared.limits;
+    let stack = permit.stack;
+    let refusal = |limited: crate::limits::Limited, token: Option<Arc<str>>| Refusal {
+        reject: limited.reject(),
+        route: Some(permit.route),
+        stack: Some(stack),
+        token,
+    };
+    limits
+        .penalized(stack.index, client)
+        .map_err(|limited| refusal(limited, None))?;
+    limits
+        .admit(stack.index, &permit.token)
+        .map_err(|limited| refusal(limited, Some(Arc::clone(&permit.token.uid))))
+}
+
+/// A failed authentication (rows 8 to 14) spends a cell of the client's
+/// bucket; once that is empty the answer is 429 whatever the token, so that
+/// it tells a brute-forcer nothing (see [`crate::limits`]).
+fn count_failed_auth<'a>(shared: &Shared, client: IpAddr, refusal: Refusal<'a>) -> Refusal<'a> {
+    let Some(stack) = refusal.stack.filter(|_| refusal.reject.is_failed_auth()) else {
+        return refusal;
+    };
+    match shared.limits.failed_auth(stack.index, client) {
+        Ok(()) => refusal,
+        Err(limited) => Refusal {
+            reject: limited.reject(),
+            route: refusal.route,
+            stack: Some(stack),
+            token: None,
+        },
     }
 }
 
