@@ -68,11 +68,14 @@ pub async fn handle(
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     let response = match (&method, path.as_str()) {
-        (&Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            shared.metrics.render(),
-        ),
+        (&Method::GET, "/metrics") => {
+            shared.sessions.export();
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                shared.metrics.render(),
+            )
+        }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
         (&Method::GET, "/readyz") => readyz(&shared),
         (_, p) if p.starts_with("/admin/") => {

@@ -15,8 +15,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Source as SourceConfig};
 use crate::metrics::Metrics;
+use crate::registry::poll::{poll_loop, CmaBudget, Polled, CMA_REQUESTS_PER_SECOND};
 use crate::registry::snapshot::unix_secs;
-use crate::registry::source::{CmaClient, FileSource, Source, SyncError};
+use crate::registry::source::{
+    CmaClient, FileSource, Source, SyncError, MAX_PAGE_TIMEOUT, MIN_PAGE_TIMEOUT,
+};
 use crate::registry::{Change, StackRegistry, Stacks, SyncReport};
 use crate::route::Router;
 use crate::server::{self, TlsReloader};
@@ -25,8 +28,6 @@ use crate::upstream::{build_client, HttpClient};
 
 /// How often a tokens file is checked for changes.
 pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// Longest wait between sync attempts after repeated failures.
-pub const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(300);
 
 /// Everything the request path and the admin API share.
 pub struct Shared {
@@ -82,19 +83,22 @@ impl Shared {
         )?;
         let router = Router::new(&config.routes);
         let mut list = Vec::with_capacity(config.stacks.len());
+        let budget = Arc::new(CmaBudget::new(CMA_REQUESTS_PER_SECOND));
         for (index, stack) in config.stacks.iter().enumerate() {
             let source = match &stack.registry.source {
                 SourceConfig::Cma {
                     url,
                     auth,
                     credential,
-                    ..
+                    interval,
                 } => Source::Cma(Box::new(CmaClient {
                     http: client.clone(),
                     base: url.clone(),
                     api_key: stack.api_key.clone(),
                     auth: *auth,
                     credential: credential.clone(),
+                    budget: Arc::clone(&budget),
+                    page_timeout: (*interval).clamp(MIN_PAGE_TIMEOUT, MAX_PAGE_TIMEOUT),
                 })),
                 SourceConfig::File { path } => Source::File(FileSource::new(path.clone())),
             };
@@ -222,43 +226,23 @@ fn record_registry(metrics: &Metrics, stack: &StackRegistry, registry: &crate::r
 }
 
 /// Keeps one stack in sync until shutdown: every `sync_interval` (every
-/// [`FILE_POLL_INTERVAL`] for files), backing off with jitter on failure and
-/// honouring `Retry-After`.
+/// [`FILE_POLL_INTERVAL`] for files), backing off on failure (see
+/// [`crate::registry::poll`]).
 async fn sync_loop(shared: Arc<Shared>, stack: Arc<StackRegistry>, shutdown: CancellationToken) {
     let interval = match &stack.settings().source {
         SourceConfig::Cma { interval, .. } => *interval,
         SourceConfig::File { .. } => FILE_POLL_INTERVAL,
     };
-    loop {
-        let report = shared.sync_stack(&stack, false).await;
+    let wake = Arc::clone(&shared);
+    poll_loop(interval, shutdown, &wake.sync_now, || async {
+        shared.sync_stack(&stack, false).await;
         let status = stack.status();
-        let wait = match (&report.error, &status.last_error) {
-            (None, _) => interval,
-            (Some(_), error) => backoff(interval, status.consecutive_failures, error.as_ref()),
-        };
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = shared.sync_now.notified() => {}
-            () = shutdown.cancelled() => return,
+        Polled {
+            failures: status.consecutive_failures,
+            error: status.last_error,
         }
-    }
-}
-
-/// The wait after `failures` failures in a row: doubling from `interval` up
-/// to [`MAX_SYNC_BACKOFF`], ±20% jitter, never less than a `Retry-After`.
-pub fn backoff(interval: Duration, failures: u32, error: Option<&SyncError>) -> Duration {
-    let exponent = failures.saturating_sub(1).min(16);
-    let base = interval
-        .saturating_mul(1 << exponent)
-        .min(MAX_SYNC_BACKOFF.max(interval));
-    let jitter = 0.8 + rand::random::<f64>() * 0.4;
-    let wait = base.mul_f64(jitter);
-    match error {
-        Some(SyncError::RateLimited {
-            retry_after: Some(retry_after),
-        }) => wait.max(*retry_after),
-        _ => wait,
-    }
+    })
+    .await;
 }
 
 impl Gateway {

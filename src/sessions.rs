@@ -27,6 +27,10 @@ use crate::decision::{Permit, SessionKind};
 use crate::metrics::Metrics;
 use crate::registry::{Change, Token};
 
+/// Distinct (environment, branch) uses remembered per HTTP/1.1 session; a
+/// client cycling through more (a `$all` token) is treated as using all.
+pub const MAX_TRACKED_USES: usize = 32;
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct TokenKey {
     stack: usize,
@@ -84,6 +88,8 @@ struct Session {
     /// Distinct uses seen on an HTTP/1.1 session (a keep-alive connection
     /// must close if any of them is no longer covered).
     used: Vec<Usage>,
+    /// More than [`MAX_TRACKED_USES`] distinct uses: any narrowing ends it.
+    used_overflow: bool,
     requests: HashMap<u64, InFlight>,
     tracker: Option<Arc<Tracker>>,
     /// An HTTP/2 session whose token was revoked: removed when its last
@@ -194,11 +200,6 @@ impl Sessions {
         self.by_token.get(&key).map_or(0, |s| s.len())
     }
 
-    /// All live sessions.
-    pub fn total(&self) -> usize {
-        self.by_token.iter().map(|e| e.len()).sum()
-    }
-
     /// Registers a permitted request on `conn`. `http2` selects stream-level
     /// cancellation instead of closing the connection.
     pub fn begin(&self, conn: &ConnSessions, permit: &Permit<'_>, http2: bool) -> RequestGuard {
@@ -234,6 +235,7 @@ impl Sessions {
                         cancel,
                         closes_connection: !http2,
                         used: Vec::new(),
+                        used_overflow: false,
                         requests: HashMap::new(),
                         tracker: None,
                         ended: false,
@@ -246,7 +248,11 @@ impl Sessions {
         let cancel = match entry.get_mut(&session_id) {
             Some(session) => {
                 if session.closes_connection && !session.used.iter().any(|u| u.same_reach(&usage)) {
-                    session.used.push(usage.clone());
+                    if session.used.len() < MAX_TRACKED_USES {
+                        session.used.push(usage.clone());
+                    } else {
+                        session.used_overflow = true;
+                    }
                 }
                 let cancel = session.cancel.child_token();
                 session.requests.insert(
@@ -399,9 +405,9 @@ impl Sessions {
             for session in entry.values_mut() {
                 let kind = session.kind;
                 if session.closes_connection {
-                    if session.tracker.is_none()
-                        && session.used.iter().any(|u| ending.hits(kind, u))
-                    {
+                    let hit = session.used.iter().any(|u| ending.hits(kind, u))
+                        || (session.used_overflow && ending.ends_session_or_narrows(kind));
+                    if session.tracker.is_none() && hit {
                         tracker.remaining.fetch_add(1, Ordering::AcqRel);
                         session.tracker = Some(Arc::clone(tracker));
                         to_cancel.push(session.cancel.clone());
@@ -455,6 +461,14 @@ impl Ending {
             Ending::All => true,
             Ending::Kind(k) => *k == kind,
             Ending::Uncovered(now) => !usage.covered_by(now.as_ref()),
+        }
+    }
+
+    /// Whether a session of `kind` whose uses are not all known may be hit.
+    fn ends_session_or_narrows(&self, kind: SessionKind) -> bool {
+        match self {
+            Ending::Kind(k) => *k == kind,
+            Ending::All | Ending::Uncovered(_) => true,
         }
     }
 

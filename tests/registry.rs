@@ -323,7 +323,7 @@ async fn a_failed_sync_changes_nothing() {
         Mode::WrongShape,
         Mode::LoopingPages,
         Mode::RateLimited {
-            retry_after_secs: 30,
+            retry_after_secs: 1,
         },
     ];
     for (i, mode) in modes.into_iter().enumerate() {

@@ -5,12 +5,14 @@
 //! - [`parse`]: the CMA's token list shape.
 //! - [`diff`]: what a change did, which drives revocation.
 //! - [`source`]: the CMA client (paging) and the tokens file.
+//! - [`poll`]: when to sync: the poll loop, backoff, and the shared CMA budget.
 //! - [`snapshot`]: the last good registry on disk (digests only).
 //! - [`stack`]: one stack's current registry and the lock-serialized path that changes it.
 
 pub mod diff;
 pub mod model;
 pub mod parse;
+pub mod poll;
 pub mod snapshot;
 pub mod source;
 pub mod stack;

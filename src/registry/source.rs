@@ -22,10 +22,11 @@ use crate::upstream::HttpClient;
 pub const PAGE_SIZE: usize = 100;
 /// More pages than this means something is wrong (a million tokens).
 pub const MAX_PAGES: usize = 10_000;
-/// Pause between pages, to stay inside the CMA's 10 GET/s per organization.
-pub const PAGE_SPACING: Duration = Duration::from_millis(110);
-/// How long one page may take, connect to last byte.
-pub const PAGE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The longest one page may take, connect to last byte (shorter with a short
+/// `sync_interval`: a page should not take longer than the interval).
+pub const MAX_PAGE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The shortest page timeout.
+pub const MIN_PAGE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Largest page body accepted.
 pub const MAX_PAGE_BYTES: usize = 32 * 1024 * 1024;
 
@@ -101,6 +102,10 @@ pub struct CmaClient {
     pub api_key: String,
     pub auth: CmaAuth,
     pub credential: Secret,
+    /// Shared by every stack: spaces page requests, honours `Retry-After`.
+    pub budget: std::sync::Arc<super::poll::CmaBudget>,
+    /// How long one page may take.
+    pub page_timeout: Duration,
 }
 
 impl CmaClient {
@@ -108,13 +113,18 @@ impl CmaClient {
     pub async fn fetch_all(&self) -> Result<Vec<Token>, SyncError> {
         let mut tokens: Vec<Token> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for page_index in 0..MAX_PAGES {
-            if page_index > 0 {
-                tokio::time::sleep(PAGE_SPACING).await;
-            }
-            let body = tokio::time::timeout(PAGE_TIMEOUT, self.page(tokens.len()))
-                .await
-                .map_err(|_| SyncError::Timeout(PAGE_TIMEOUT))??;
+        for _ in 0..MAX_PAGES {
+            self.budget.acquire().await;
+            let page = tokio::time::timeout(self.page_timeout, self.page(tokens.len())).await;
+            let body = match page {
+                Err(_) => return Err(SyncError::Timeout(self.page_timeout)),
+                Ok(Err(SyncError::RateLimited { retry_after })) => {
+                    self.budget
+                        .hold_off(retry_after.unwrap_or(Duration::from_secs(1)));
+                    return Err(SyncError::RateLimited { retry_after });
+                }
+                Ok(result) => result?,
+            };
             let page = parse_token_list(&body)?;
             let full = page.tokens.len() >= PAGE_SIZE;
             let before = tokens.len();

@@ -254,3 +254,42 @@ async fn a_revocation_with_nothing_to_cancel_completes_at_once() {
     assert_eq!(revocation.cancelled, 0);
     closed_within(revocation).await;
 }
+
+#[tokio::test]
+async fn a_session_cycling_through_many_branches_is_bounded_and_still_ended_by_narrowing() {
+    let f = fixture();
+    let all = token("a", &["$all"]);
+    let conn = f.sessions.connection();
+    for i in 0..(MAX_TRACKED_USES + 10) {
+        drop(f.sessions.begin(
+            &conn,
+            &permit(&f, &all, SessionKind::Delivery, &format!("b{i}")),
+            false,
+        ));
+    }
+    {
+        let key = TokenKey {
+            stack: 0,
+            uid: Arc::from("a"),
+        };
+        let entry = f.sessions.by_token.get(&key).unwrap();
+        let session = entry.values().next().unwrap();
+        assert_eq!(session.used.len(), MAX_TRACKED_USES);
+        assert!(session.used_overflow);
+    }
+    // Narrowed to a list that covers every remembered branch: the forgotten
+    // ones may not be covered, so the connection ends.
+    let remembered: Vec<String> = (0..MAX_TRACKED_USES).map(|i| format!("b{i}")).collect();
+    let names: Vec<&str> = remembered.iter().map(String::as_str).collect();
+    let diff = Diff {
+        narrowed: vec!["a".into()],
+        ..Diff::default()
+    };
+    let revocation = f.sessions.revoke(
+        0,
+        &change(diff, vec![Token::clone(&token("a", &names))]),
+        false,
+    );
+    assert_eq!(revocation.cancelled, 1);
+    assert!(conn.cancel.is_cancelled());
+}

@@ -1,0 +1,228 @@
+//! When registries are synced: the poll loop, its backoff, and the CMA
+//! request budget that all stacks share.
+//!
+//! The CMA allows 10 GET/s per organization, shared with every other tool the
+//! customer runs. Every page request of every stack takes a slot from one
+//! [`CmaBudget`] ([`CMA_REQUESTS_PER_SECOND`]), and a 429's `Retry-After`
+//! holds back every stack, so that the gateway never bursts the budget however
+//! many stacks it serves. Failures back off exponentially with jitter; the
+//! loop is generic over the sync step so that its timing can be tested with
+//! paused time.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::source::SyncError;
+
+/// CMA requests per second the gateway allows itself, across all stacks: half
+/// of the organization's 10 GET/s, leaving the rest to other tools.
+pub const CMA_REQUESTS_PER_SECOND: u32 = 5;
+/// Longest wait between sync attempts after repeated failures.
+pub const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(300);
+/// Jitter on every wait, so that stacks do not poll in step.
+pub const JITTER: f64 = 0.2;
+
+/// Spaces CMA requests: at most one per `1 / rate` seconds, none before a
+/// `Retry-After` has passed.
+#[derive(Debug)]
+pub struct CmaBudget {
+    spacing: Duration,
+    next: Mutex<Option<Instant>>,
+}
+
+impl CmaBudget {
+    /// A budget of `per_second` requests per second.
+    pub fn new(per_second: u32) -> CmaBudget {
+        CmaBudget {
+            spacing: Duration::from_secs(1) / per_second.max(1),
+            next: Mutex::new(None),
+        }
+    }
+
+    /// Waits for the next free slot and takes it.
+    pub async fn acquire(&self) {
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let slot = next.map_or(now, |n| n.max(now));
+            *next = Some(slot + self.spacing);
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+
+    /// Takes no slot before `wait` from now (a 429's `Retry-After`).
+    pub fn hold_off(&self, wait: Duration) {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Instant::now() + wait;
+        *next = Some(next.map_or(until, |n| n.max(until)));
+    }
+}
+
+/// The wait after `failures` failures in a row: doubling from `interval` up
+/// to [`MAX_SYNC_BACKOFF`] (or `interval`, if longer), never less than a
+/// `Retry-After`. `unit` in `[0, 1)` picks the jitter.
+pub fn backoff(
+    interval: Duration,
+    failures: u32,
+    error: Option<&SyncError>,
+    unit: f64,
+) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    let base = interval
+        .saturating_mul(1 << exponent)
+        .min(MAX_SYNC_BACKOFF.max(interval));
+    let wait = jittered(base, unit);
+    match error {
+        Some(SyncError::RateLimited {
+            retry_after: Some(retry_after),
+        }) => wait.max(*retry_after),
+        _ => wait,
+    }
+}
+
+fn jittered(base: Duration, unit: f64) -> Duration {
+    base.mul_f64(1.0 - JITTER + 2.0 * JITTER * unit.clamp(0.0, 1.0))
+}
+
+/// What one sync step reports to the loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Polled {
+    /// Failures in a row, 0 after a success.
+    pub failures: u32,
+    /// The last failure, while failing.
+    pub error: Option<SyncError>,
+}
+
+/// Runs `sync` now, then again every `interval` (with jitter), or after a
+/// backoff while it fails, until `shutdown`. `wake` runs it early.
+pub async fn poll_loop<F, Fut>(
+    interval: Duration,
+    shutdown: CancellationToken,
+    wake: &tokio::sync::Notify,
+    mut sync: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Polled>,
+{
+    loop {
+        let polled = sync().await;
+        let unit = rand::random::<f64>();
+        let wait = if polled.failures == 0 {
+            jittered(interval, unit)
+        } else {
+            backoff(interval, polled.failures, polled.error.as_ref(), unit)
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = wake.notified() => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_honours_retry_after() {
+        let s = Duration::from_secs;
+        assert_eq!(backoff(s(10), 1, None, 0.5), s(10));
+        assert_eq!(backoff(s(10), 2, None, 0.5), s(20));
+        assert_eq!(backoff(s(10), 4, None, 0.5), s(80));
+        assert_eq!(backoff(s(10), 30, None, 0.5), MAX_SYNC_BACKOFF);
+        assert_eq!(
+            backoff(s(600), 5, None, 0.5),
+            s(600),
+            "never below the interval's own cap"
+        );
+        assert_eq!(backoff(s(10), 1, None, 0.0), s(8));
+        assert_eq!(backoff(s(10), 1, None, 1.0), s(12));
+        let limited = SyncError::RateLimited {
+            retry_after: Some(s(90)),
+        };
+        assert_eq!(backoff(s(10), 1, Some(&limited), 0.5), s(90));
+    }
+
+    /// Counts sync steps over ten minutes of paused time.
+    async fn steps_in_ten_minutes(failing: bool, error: Option<SyncError>) -> u32 {
+        let calls = Arc::new(AtomicU32::new(0));
+        let shutdown = CancellationToken::new();
+        let wake = tokio::sync::Notify::new();
+        let counter = Arc::clone(&calls);
+        let run = poll_loop(
+            Duration::from_secs(10),
+            shutdown.clone(),
+            &wake,
+            move || {
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let error = error.clone();
+                async move {
+                    Polled {
+                        failures: if failing { n } else { 0 },
+                        error,
+                    }
+                }
+            },
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(600), run).await;
+        calls.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_polled_with_backoff() {
+        let healthy = steps_in_ten_minutes(false, None).await;
+        assert!((55..=70).contains(&healthy), "{healthy} polls when healthy");
+        let outage = steps_in_ten_minutes(true, Some(SyncError::Status(500))).await;
+        // 10, 20, 40, 80, 160 s, then every 300 s: about 7 in 600 s (jitter ±20%).
+        assert!((5..=9).contains(&outage), "{outage} polls during an outage");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limited_cma_is_asked_again_only_after_retry_after() {
+        let limited = SyncError::RateLimited {
+            retry_after: Some(Duration::from_secs(120)),
+        };
+        let polls = steps_in_ten_minutes(true, Some(limited)).await;
+        assert!(
+            (4..=6).contains(&polls),
+            "{polls} polls under 429 with Retry-After: 120"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_spaces_requests_across_callers() {
+        let budget = Arc::new(CmaBudget::new(5));
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let budget = Arc::clone(&budget);
+            tasks.push(tokio::spawn(async move {
+                budget.acquire().await;
+                Instant::now()
+            }));
+        }
+        let mut times = Vec::new();
+        for task in tasks {
+            times.push(task.await.unwrap() - start);
+        }
+        times.sort();
+        for pair in times.windows(2) {
+            assert!(pair[1] - pair[0] >= Duration::from_millis(200), "{times:?}");
+        }
+        assert!(times[9] >= Duration::from_millis(1800));
+
+        budget.hold_off(Duration::from_secs(30));
+        let before = Instant::now();
+        budget.acquire().await;
+        assert!(Instant::now() - before >= Duration::from_secs(30));
+    }
+}

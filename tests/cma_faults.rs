@@ -1,0 +1,197 @@
+//! The registry through a misbehaving CMA (issue 5): the rate limit's
+//! `Retry-After`, a hanging CMA, staleness that fails closed and recovers,
+//! a bad credential logged once, and several stacks sharing the budget.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn registry(cma: &str, interval: &str, extra: &str) -> String {
+    format!(
+        "cma_url = \"{cma}\"\nauth = \"authtoken\"\ncredential_env = \"STACKGATE_CMA_AUTHTOKEN\"\nsync_interval = \"{interval}\"\n{extra}"
+    )
+}
+
+async fn status(gateway: &TestGateway, token: &str) -> (u16, String) {
+    let reply = send(
+        gateway.http,
+        get(
+            "cdn.test",
+            "/v3/x",
+            &[("api_key", API_KEY), ("access_token", token)],
+        ),
+    )
+    .await;
+    (reply.status.as_u16(), reply.reason().to_owned())
+}
+
+#[tokio::test]
+async fn retry_after_holds_back_the_next_cma_request() {
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let gateway = spawn_ready(&config(&origin.url(), &registry(&cma.url(), "1h", ""))).await;
+
+    cma.set_mode(cma::Mode::RateLimited {
+        retry_after_secs: 2,
+    });
+    let limited = gateway.admin("POST", "/admin/sync").await.json();
+    assert!(
+        limited["stacks"]["website"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("429"),
+        "{limited}"
+    );
+    let refused_at = Instant::now();
+    let calls = cma.call_count();
+
+    cma.set_mode(cma::Mode::Normal);
+    let report = gateway.admin("POST", "/admin/sync").await.json();
+    assert!(report["stacks"]["website"]["error"].is_null(), "{report}");
+    assert_eq!(cma.call_count(), calls + 1);
+    assert!(
+        refused_at.elapsed() >= Duration::from_millis(1900),
+        "the CMA was asked again {:?} after a Retry-After of 2 s",
+        refused_at.elapsed()
+    );
+    assert_eq!(
+        status(&gateway, PROD).await.0,
+        200,
+        "the registry served throughout"
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_cma_times_out_and_changes_nothing() {
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    // sync_interval 1s: a page may take at most 1 s.
+    let gateway = spawn_ready(&config(&origin.url(), &registry(&cma.url(), "1s", ""))).await;
+    let version = gateway.version();
+    cma.set_tokens(vec![]);
+    cma.set_mode(cma::Mode::Hang);
+    let started = Instant::now();
+    let report = gateway.admin("POST", "/admin/sync").await.json();
+    let error = report["stacks"]["website"]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(error.contains("did not answer"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert_eq!(gateway.version(), version);
+    assert_eq!(status(&gateway, PROD).await.0, 200);
+    let stacks = gateway.admin("GET", "/admin/stacks").await.json();
+    assert!(
+        stacks["stacks"][0]["consecutive_failures"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{stacks}"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_registry_fails_closed_and_recovers_by_itself() {
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let gateway = spawn_ready(&config(
+        &origin.url(),
+        &registry(&cma.url(), "200ms", "max_staleness = \"1s\"\n"),
+    ))
+    .await;
+    assert_eq!(status(&gateway, PROD).await.0, 200);
+
+    cma.set_mode(cma::Mode::Status(503));
+    wait_until_async(|| async { status(&gateway, PROD).await.0 == 503 }).await;
+    let forwarded = origin.request_count();
+    assert_eq!(status(&gateway, PROD).await.1, "registry_stale");
+    assert_eq!(status(&gateway, STAGING).await.1, "registry_stale");
+    assert_eq!(
+        origin.request_count(),
+        forwarded,
+        "nothing is forwarded while stale"
+    );
+
+    // The CMA recovers: the next scheduled sync makes the stack fresh again.
+    cma.set_mode(cma::Mode::Normal);
+    wait_until_async(|| async { status(&gateway, PROD).await.0 == 200 }).await;
+    assert_eq!(status(&gateway, STAGING).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_bad_credential_is_logged_once_per_streak() {
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let text = config(&origin.url(), &registry(&cma.url(), "1h", ""))
+        .replace("name = \"website\"", "name = \"credlog\"");
+    let gateway = spawn_ready(&text).await;
+    cma.set_mode(cma::Mode::Status(401));
+    for _ in 0..4 {
+        let report = gateway.admin("POST", "/admin/sync").await.json();
+        assert!(
+            report["stacks"]["credlog"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("credential"),
+            "{report}"
+        );
+    }
+    let lines = logs()
+        .lines()
+        .filter(|l| l.contains("credlog") && l.contains("registry sync failed"))
+        .count();
+    assert_eq!(
+        lines, 1,
+        "a bad credential must be logged once, not per poll"
+    );
+    assert_eq!(status(&gateway, PROD).await.0, 200);
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("stackgate_registry_sync_failures_total{stack=\"credlog\"} 4"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn several_stacks_share_one_cma_budget() {
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let mut text = config(&origin.url(), &registry(&cma.url(), "1h", ""));
+    for i in 0..9 {
+        text.push_str(&format!(
+            "\n[[stacks]]\nname = \"extra{i}\"\napi_key = \"blt_extra_{i}\"\n[stacks.registry]\n{}",
+            registry(&cma.url(), "1h", "")
+        ));
+    }
+    let started = Instant::now();
+    let gateway = spawn_ready(&text).await;
+    // Ten stacks' first syncs, one page each, at most five a second.
+    assert!(cma.call_count() >= 10);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1700),
+        "10 CMA requests went out in {:?}: faster than 5 a second",
+        started.elapsed()
+    );
+    assert_eq!(status(&gateway, PROD).await.0, 200);
+}
+
+/// Polls an async condition every 20 ms until it holds; panics after 10 s.
+async fn wait_until_async<F, Fut>(mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition().await {
+        assert!(Instant::now() < deadline, "condition not met within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
