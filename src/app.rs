@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -41,8 +41,6 @@ pub struct Shared {
     /// Rate limits (SPEC §6).
     pub limits: crate::limits::Limits,
     pub http: auto::Builder<TokioExecutor>,
-    /// Wakes every stack's sync loop (admin API).
-    pub sync_now: Notify,
 }
 
 /// Why the gateway could not start.
@@ -134,7 +132,6 @@ impl Shared {
             metrics,
             usage: Default::default(),
             http: server::http_builder(),
-            sync_now: Notify::new(),
         }))
     }
 
@@ -233,8 +230,7 @@ async fn sync_loop(shared: Arc<Shared>, stack: Arc<StackRegistry>, shutdown: Can
         SourceConfig::Cma { interval, .. } => *interval,
         SourceConfig::File { .. } => FILE_POLL_INTERVAL,
     };
-    let wake = Arc::clone(&shared);
-    poll_loop(interval, shutdown, &wake.sync_now, || async {
+    poll_loop(interval, shutdown, || async {
         shared.sync_stack(&stack, false).await;
         let status = stack.status();
         Polled {

@@ -99,13 +99,9 @@ pub struct Polled {
 }
 
 /// Runs `sync` now, then again every `interval` (with jitter), or after a
-/// backoff while it fails, until `shutdown`. `wake` runs it early.
-pub async fn poll_loop<F, Fut>(
-    interval: Duration,
-    shutdown: CancellationToken,
-    wake: &tokio::sync::Notify,
-    mut sync: F,
-) where
+/// backoff while it fails, until `shutdown`.
+pub async fn poll_loop<F, Fut>(interval: Duration, shutdown: CancellationToken, mut sync: F)
+where
     F: FnMut() -> Fut,
     Fut: Future<Output = Polled>,
 {
@@ -119,7 +115,6 @@ pub async fn poll_loop<F, Fut>(
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            () = wake.notified() => {}
             () = shutdown.cancelled() => return,
         }
     }
@@ -156,23 +151,17 @@ mod tests {
     async fn steps_in_ten_minutes(failing: bool, error: Option<SyncError>) -> u32 {
         let calls = Arc::new(AtomicU32::new(0));
         let shutdown = CancellationToken::new();
-        let wake = tokio::sync::Notify::new();
         let counter = Arc::clone(&calls);
-        let run = poll_loop(
-            Duration::from_secs(10),
-            shutdown.clone(),
-            &wake,
-            move || {
-                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                let error = error.clone();
-                async move {
-                    Polled {
-                        failures: if failing { n } else { 0 },
-                        error,
-                    }
+        let run = poll_loop(Duration::from_secs(10), shutdown.clone(), move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            let error = error.clone();
+            async move {
+                Polled {
+                    failures: if failing { n } else { 0 },
+                    error,
                 }
-            },
-        );
+            }
+        });
         let _ = tokio::time::timeout(Duration::from_secs(600), run).await;
         calls.load(Ordering::SeqCst)
     }
