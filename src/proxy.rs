@@ -310,12 +310,7 @@ async fn forward(
     let body = match read_body(body, shared.config.server.max_body_bytes).await {
         Ok(body) => body,
         Err(BodyError::TooLarge) => {
-            let refusal = Refusal {
-                reject: Reject::BadRequest(BadRequest::BodyTooLarge),
-                route: Some(permit.route),
-                stack: Some(permit.stack),
-                token: Some(Arc::clone(&permit.token.uid)),
-            };
+            let refusal = permit_refusal(&permit, Reject::BadRequest(BadRequest::BodyTooLarge));
             return Ok(refuse(shared, parts, refusal, started));
         }
         Err(BodyError::Client(err)) => return Err(Aborted::ClientBody(err)),
@@ -326,12 +321,7 @@ async fn forward(
     let upstream_request = match upstream_request(parts, &permit, conn.peer, conn.scheme, body) {
         Some(request) => request,
         None => {
-            let refusal = Refusal {
-                reject: Reject::BadRequest(BadRequest::Malformed),
-                route: Some(permit.route),
-                stack: Some(permit.stack),
-                token: Some(Arc::clone(&permit.token.uid)),
-            };
+            let refusal = permit_refusal(&permit, Reject::BadRequest(BadRequest::Malformed));
             return Ok(refuse(shared, parts, refusal, started));
         }
     };
@@ -349,11 +339,11 @@ async fn forward(
         Ok(Ok(response)) => response,
         Ok(Err(err)) => {
             tracing::warn!(route = route_name, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
-            let refusal = upstream_refusal(&permit, Reject::UpstreamError);
+            let refusal = permit_refusal(&permit, Reject::UpstreamError);
             return Ok(refuse(shared, parts, refusal, started));
         }
         Err(_elapsed) => {
-            let refusal = upstream_refusal(&permit, Reject::UpstreamTimeout);
+            let refusal = permit_refusal(&permit, Reject::UpstreamTimeout);
             return Ok(refuse(shared, parts, refusal, started));
         }
     };
@@ -397,7 +387,8 @@ async fn forward(
     Ok(Response::from_parts(head, body))
 }
 
-fn upstream_refusal<'a>(permit: &Permit<'a>, reject: Reject) -> Refusal<'a> {
+/// A refusal of a request that had been permitted (its token is known).
+fn permit_refusal<'a>(permit: &Permit<'a>, reject: Reject) -> Refusal<'a> {
     Refusal {
         reject,
         route: Some(permit.route),
