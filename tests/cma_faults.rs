@@ -66,6 +66,47 @@ async fn retry_after_holds_back_the_next_cma_request() {
 }
 
 #[tokio::test]
+async fn a_spent_organization_budget_holds_back_the_next_request() {
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let gateway = spawn_ready(&config(&origin.url(), &registry(&cma.url(), "1h", ""))).await;
+    cma.set_rate_limit_remaining(Some(0));
+    gateway.admin("POST", "/admin/sync").await;
+    let answered = Instant::now();
+    cma.set_rate_limit_remaining(None);
+    gateway.admin("POST", "/admin/sync").await;
+    assert!(
+        answered.elapsed() >= Duration::from_millis(900),
+        "asked again {:?} after X-RateLimit-Remaining: 0",
+        answered.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_outage_is_polled_with_backoff() {
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    // Every 100 ms when healthy.
+    let gateway = spawn_ready(&config(&origin.url(), &registry(&cma.url(), "100ms", ""))).await;
+    let before = cma.call_count();
+    cma.set_mode(cma::Mode::Status(500));
+    let outage = Instant::now();
+    // Wait out 2 s of outage (polling the gateway, which keeps serving).
+    while outage.elapsed() < Duration::from_secs(2) {
+        assert_eq!(status(&gateway, PROD).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let calls = cma.call_count() - before;
+    // Without backoff: ~20 calls. Doubling from 100 ms (±20%): at most ~5.
+    assert!(calls <= 7, "{calls} CMA calls in 2 s of outage");
+    assert!(calls >= 2, "the CMA was not retried ({calls} calls)");
+    let metrics = gateway.metrics().await;
+    assert!(!metrics.contains("stackgate_registry_sync_failures_total{stack=\"website\"} 0"));
+}
+
+#[tokio::test]
 async fn a_hanging_cma_times_out_and_changes_nothing() {
     let origin = origin::spawn_origin().await;
     let cma = cma::spawn_cma().await;

@@ -196,6 +196,17 @@ impl CmaClient {
                 other => SyncError::Status(other.as_u16()),
             });
         }
+        // The organization's budget is spent (by us or another tool): take
+        // no CMA slot for the rest of this second.
+        let spent = response
+            .headers()
+            .get("x-ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            == Some(0);
+        if spent {
+            self.budget.hold_off(Duration::from_secs(1));
+        }
         Limited::new(response.into_body(), MAX_PAGE_BYTES)
             .collect()
             .await

@@ -85,6 +85,8 @@ struct State {
     tokens: Vec<Value>,
     mode: Mode,
     calls: Vec<CmaCall>,
+    /// `X-RateLimit-Remaining` on successful answers, when set.
+    remaining: Option<u32>,
 }
 
 struct Shared {
@@ -128,6 +130,12 @@ impl FakeCma {
     /// Changes how the following requests are answered.
     pub fn set_mode(&self, mode: Mode) {
         self.shared.update(|s| s.mode = mode);
+    }
+
+    /// Sends `X-RateLimit-Limit: 10` and `X-RateLimit-Remaining: n` on
+    /// successful answers (`None`: no rate-limit headers).
+    pub fn set_rate_limit_remaining(&self, remaining: Option<u32>) {
+        self.shared.update(|s| s.remaining = remaining);
     }
 
     /// Every request received so far, in arrival order.
@@ -181,6 +189,7 @@ pub async fn spawn_cma() -> FakeCma {
         state: Mutex::new(State {
             tokens: Vec::new(),
             mode: Mode::Normal,
+            remaining: None,
             calls: Vec::new(),
         }),
         changed,
@@ -237,9 +246,11 @@ async fn handle(
     };
     let mut mode = Mode::Normal;
     let mut tokens = Vec::new();
+    let mut remaining = None;
     shared.update(|s| {
         mode = s.mode;
         tokens = s.tokens.clone();
+        remaining = s.remaining;
         s.calls.push(call.clone());
     });
 
@@ -317,7 +328,13 @@ async fn handle(
             if call.query_param("include_count") == Some("true") {
                 body["count"] = json!(total);
             }
-            Ok(raw_json(StatusCode::OK, &body.to_string()))
+            let mut response = raw_json(StatusCode::OK, &body.to_string());
+            if let Some(remaining) = remaining {
+                let headers = response.headers_mut();
+                headers.insert("x-ratelimit-limit", HeaderValue::from_static("10"));
+                headers.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
+            }
+            Ok(response)
         }
     }
 }
