@@ -1,0 +1,720 @@
+//! Hostile clients and faulty origins (issue 8; SPEC §3 rows 16 and 17,
+//! §5 `[server]`): slow heads, idle keep-alive, connection floods, HTTP/2
+//! rapid reset and stream floods, oversized header lists, and origins that
+//! reset, stall, answer garbage or send huge bodies. Every test also shows
+//! that the gateway keeps serving a well-behaved client meanwhile.
+//!
+//! The tests measure the whole process (RSS, open file descriptors), so they
+//! run one at a time under [`SERIAL`].
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, Instant};
+
+/// One test at a time: RSS and descriptor counts are per process.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Small timeouts so that the watchdog acts within the test's patience.
+const TIGHT: &str = "[server]\nheader_timeout = \"300ms\"\nidle_timeout = \"400ms\"\n";
+
+/// How long a well-behaved client may wait for its answer under attack.
+const PROMPT: Duration = Duration::from_secs(5);
+
+struct World {
+    gateway: TestGateway,
+    origin: origin::Origin,
+    _cma: cma::FakeCma,
+}
+
+async fn world_with(extra: &str) -> World {
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let gateway = spawn_ready(&config_with(
+        &origin.url(),
+        &cma_registry(&cma.url(), None),
+        extra,
+    ))
+    .await;
+    World {
+        gateway,
+        origin,
+        _cma: cma,
+    }
+}
+
+/// An allowed GET on the delivery route (HTTP/1.1 form: `host` header).
+fn allowed(uri: &str) -> http::Request<Full<Bytes>> {
+    get(
+        "cdn.test",
+        uri,
+        &[("api_key", API_KEY), ("access_token", PROD)],
+    )
+}
+
+/// An allowed GET for an h2 connection (authority in the URI).
+fn allowed_h2(uri: &str) -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .uri(format!("http://cdn.test{uri}"))
+        .header("api_key", API_KEY)
+        .header("access_token", PROD)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A well-behaved client on a fresh connection gets 200, promptly.
+async fn assert_serves(addr: SocketAddr, what: &str) {
+    let reply = timeout(PROMPT, send(addr, allowed("/v3/entries")))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: a normal client waited over {PROMPT:?}"));
+    assert_eq!(reply.status, 200, "{what}: {}", reply.text());
+}
+
+/// An HTTP/1.1 client connection whose driver task ends when it closes.
+async fn h1(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    JoinHandle<hyper::Result<()>>,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+/// Resident set size of this process (gateway, fakes and test alike).
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .unwrap();
+    kib * 1024
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Waits (`within` at most) until the open descriptors are back to `baseline`
+/// plus `slack`: closed connections are released asynchronously.
+async fn wait_for_fds(baseline: usize, slack: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = open_fds();
+        if now <= baseline + slack {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "descriptors leaked: {now} open, {baseline} before (slack {slack})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads until the peer closes (FIN or reset); `None` if still open after `within`.
+async fn read_until_closed<R: AsyncReadExt + Unpin>(
+    read: &mut R,
+    within: Duration,
+) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, read.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(out),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Sends `bytes` one at a time, `every` apart, until the peer stops taking
+/// them; the write half stays open afterwards.
+fn trickle(
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    bytes: Vec<u8>,
+    every: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        for byte in bytes {
+            if write.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+        std::future::pending::<()>().await;
+    })
+}
+
+fn head(uri: &str) -> String {
+    format!("GET {uri} HTTP/1.1\r\nhost: cdn.test\r\napi_key: {API_KEY}\r\naccess_token: {PROD}\r\nx-padding: {}\r\n\r\n", "p".repeat(64))
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` from `read`.
+async fn read_response<R: AsyncReadExt + Unpin>(read: &mut R) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .expect("a content-length");
+            if out.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = timeout(PROMPT, read.read(&mut buf))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(n > 0, "closed mid-response: {text}");
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn slowloris_heads_are_cut_off_after_header_timeout() {
+    let _serial = SERIAL.lock().await;
+    let w = world_with(TIGHT).await;
+    let addr = w.gateway.http;
+
+    // A head trickling in, one byte every 100 ms (it would take ~15 s).
+    // Timed from before the connect: the gateway's clock starts later.
+    let started = Instant::now();
+    let slow = TcpStream::connect(addr).await.unwrap();
+    let (mut read, write) = slow.into_split();
+    let writer = trickle(
+        write,
+        head("/v3/entries").into_bytes(),
+        Duration::from_millis(100),
+    );
+    // Meanwhile a normal client is served.
+    let (closed, ()) = tokio::join!(
+        read_until_closed(&mut read, Duration::from_secs(3)),
+        assert_serves(addr, "during a slowloris"),
+    );
+    writer.abort();
+    let answer = closed.expect("the slow connection was still open after 3 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        !answer.starts_with("HTTP/1.1 200"),
+        "a trickled head was answered: {answer}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed before header_timeout: {:?}",
+        started.elapsed()
+    );
+
+    // A connection that sends nothing at all.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let answer = read_until_closed(&mut silent, Duration::from_secs(3))
+        .await
+        .expect("a silent connection was still open after 3 s");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed before header_timeout: {:?}",
+        started.elapsed()
+    );
+
+    // A keep-alive connection whose second head trickles: timed from its
+    // first byte, not let off because the first request went well.
+    let conn = TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = conn.into_split();
+    write.write_all(head("/v3/first").as_bytes()).await.unwrap();
+    let first = read_response(&mut read).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let writer = trickle(
+        write,
+        head("/v3/second").into_bytes(),
+        Duration::from_millis(100),
+    );
+    let closed = read_until_closed(&mut read, Duration::from_secs(3)).await;
+    writer.abort();
+    let answer = closed.expect("a trickled second head kept the connection open");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+
+    assert_eq!(
+        w.origin
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/v3/second")
+            .count(),
+        0,
+        "a trickled head reached the origin"
+    );
+    assert_serves(addr, "after the slowloris").await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_closes_but_a_streaming_response_does_not() {
+    let _serial = SERIAL.lock().await;
+    let w = world_with(TIGHT).await;
+    let addr = w.gateway.http;
+
+    let (mut sender, connection) = h1(addr).await;
+    let reply = read(sender.send_request(allowed("/v3/a")).await.unwrap()).await;
+    assert_eq!(reply.status, 200);
+    // Kept alive: a second request on the same connection is served.
+    let reply = read(sender.send_request(allowed("/v3/b")).await.unwrap()).await;
+    assert_eq!(reply.status, 200);
+    let idle_from = Instant::now();
+    let ended = timeout(Duration::from_secs(3), connection)
+        .await
+        .expect("an idle keep-alive connection was still open after 3 s");
+    assert!(ended.unwrap().is_ok());
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(100),
+        "closed too early for an idle timeout: {:?}",
+        idle_from.elapsed()
+    );
+    assert!(sender.is_closed());
+
+    // A response streaming for ~1 s (longer than idle_timeout) is in flight:
+    // the connection stays open until it is done.
+    let (mut sender, mut connection) = h1(addr).await;
+    let response = sender
+        .send_request(allowed("/stream?chunks=20&interval_ms=50"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut received = Vec::new();
+    let streaming_from = Instant::now();
+    let serve_meanwhile = tokio::spawn(assert_serves(addr, "during a long stream"));
+    while let Some(frame) = timeout(PROMPT, body.frame())
+        .await
+        .expect("a chunk in time")
+    {
+        let frame = frame.expect("the stream was cut off");
+        if let Ok(data) = frame.into_data() {
+            received.extend_from_slice(&data);
+        }
+        assert!(
+            !connection.is_finished(),
+            "the connection closed while a response was in flight"
+        );
+    }
+    assert!(streaming_from.elapsed() >= Duration::from_millis(400));
+    let text = String::from_utf8_lossy(&received);
+    assert_eq!(text.lines().count(), 20, "{text}");
+    assert!(text.ends_with("{\"chunk\":19}\n"), "{text}");
+    serve_meanwhile.await.unwrap();
+    // Then it idles out like any other.
+    timeout(Duration::from_secs(3), &mut connection)
+        .await
+        .expect("not closed after the stream ended and idle_timeout passed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(w.origin.streams().completed, 1);
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_shed() {
+    let _serial = SERIAL.lock().await;
+    let w = world_with("[server]\nmax_connections = 5\nidle_timeout = \"60s\"\n").await;
+    let addr = w.gateway.http;
+
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let (mut sender, connection) = h1(addr).await;
+        let reply = read(sender.send_request(allowed("/v3/held")).await.unwrap()).await;
+        assert_eq!(reply.status, 200, "connection {i}");
+        held.push((sender, connection));
+    }
+
+    // The sixth is accepted and dropped without an answer.
+    let mut sixth = TcpStream::connect(addr).await.unwrap();
+    let _ = sixth.write_all(head("/v3/sixth").as_bytes()).await;
+    let answer = read_until_closed(&mut sixth, PROMPT)
+        .await
+        .expect("the sixth connection was neither served nor shed");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    let (mut sender, _connection) = h1(addr).await;
+    assert!(
+        timeout(PROMPT, sender.send_request(allowed("/v3/sixth")))
+            .await
+            .expect("a shed connection hung")
+            .is_err(),
+        "a request on a shed connection was answered"
+    );
+    drop(sender);
+
+    // The five still work.
+    for (i, (sender, _)) in held.iter_mut().enumerate() {
+        let reply = read(sender.send_request(allowed("/v3/again")).await.unwrap()).await;
+        assert_eq!(reply.status, 200, "connection {i}");
+    }
+
+    // Closing one makes room for a new one.
+    let (sender, connection) = held.remove(0);
+    drop(sender);
+    timeout(PROMPT, connection).await.unwrap().unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (mut sender, _connection) = h1(addr).await;
+        if let Ok(Ok(response)) = timeout(PROMPT, sender.send_request(allowed("/v3/new"))).await {
+            assert_eq!(read(response).await.status, 200);
+            break;
+        }
+        // Shed while the gateway had not yet seen the close: try again.
+        assert!(
+            Instant::now() < deadline,
+            "no room for a new connection after one closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        w.origin
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/v3/sixth")
+            .count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_leaves_other_clients_served() {
+    let _serial = SERIAL.lock().await;
+    let w = world_with("").await;
+    let addr = w.gateway.http;
+    assert_serves(addr, "before the attack").await;
+    let rss_before = rss_bytes();
+
+    // Another client keeps making requests for the whole attack.
+    let attacking = Arc::new(AtomicBool::new(true));
+    let bystander = {
+        let attacking = Arc::clone(&attacking);
+        tokio::spawn(async move {
+            let mut sender = h2c(addr).await;
+            let mut served = 0;
+            while attacking.load(Ordering::Relaxed) || served == 0 {
+                let reply = timeout(PROMPT, sender.send_request(allowed_h2("/v3/bystander")))
+                    .await
+                    .expect("the bystander waited too long")
+                    .expect("the bystander's request failed");
+                assert_eq!(read(reply).await.status, 200);
+                served += 1;
+            }
+            served
+        })
+    };
+
+    // 2,000 streams opened and reset at once: each batch goes out as
+    // HEADERS, then dropping the response futures sends RST_STREAM.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut attacker, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut sent = 0;
+    for _ in 0..100 {
+        if attacker.ready().await.is_err() {
+            break;
+        }
+        let pending: Vec<_> = (0..20)
+            .map(|_| attacker.send_request(allowed_h2("/slow?ms=50")))
+            .collect();
+        sent += pending.len();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        drop(pending);
+    }
+    let goaway = connection.is_finished() || attacker.ready().await.is_err();
+    eprintln!(
+        "rapid reset: {sent} streams reset, attacker connection {}, origin saw {} requests",
+        if goaway { "closed" } else { "open" },
+        w.origin.request_count()
+    );
+    attacking.store(false, Ordering::Relaxed);
+    let served = timeout(Duration::from_secs(30), bystander)
+        .await
+        .expect("the bystander never finished")
+        .unwrap();
+    assert!(served >= 1);
+    assert_serves(addr, "after the rapid reset").await;
+    let grown = rss_bytes().saturating_sub(rss_before);
+    assert!(
+        grown < 64 << 20,
+        "RSS grew by {} MiB during a rapid reset",
+        grown >> 20
+    );
+}
+
+#[tokio::test]
+async fn http2_stream_flood_is_bounded_by_max_concurrent_streams() {
+    let _serial = SERIAL.lock().await;
+    let w = world_with("").await;
+    let addr = w.gateway.http;
+    let sender = h2c(addr).await;
+
+    // The origin counts /stream responses started and finished (its last
+    // chunk handed over); one started and not finished is a stream open at
+    // the gateway, so the difference bounds what the gateway lets through.
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        let mut sender = sender.clone();
+        let done = Arc::clone(&done);
+        flood.push(tokio::spawn(async move {
+            let outcome = match sender
+                .send_request(allowed_h2("/stream?chunks=4&interval_ms=50"))
+                .await
+            {
+                Ok(response) => {
+                    let status = response.status();
+                    response.into_body().collect().await.map(|_| status).ok()
+                }
+                // Refused cleanly (RST_STREAM, GOAWAY).
+                Err(_) => None,
+            };
+            done.fetch_add(1, Ordering::Relaxed);
+            outcome
+        }));
+    }
+    let mut most = 0;
+    let mut checked_bystander = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.load(Ordering::Relaxed) < 1000 {
+        let s = w.origin.streams();
+        let in_flight = s.started - s.completed - s.aborted;
+        most = most.max(in_flight);
+        if !checked_bystander && in_flight >= 100 {
+            assert_serves(addr, "during a stream flood").await;
+            checked_bystander = true;
+        }
+        assert!(Instant::now() < deadline, "the flood never drained");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        most <= 256,
+        "{most} streams in flight at once on one connection"
+    );
+    let mut ok = 0;
+    for task in flood {
+        if let Some(status) = task.await.unwrap() {
+            assert_eq!(status, 200);
+            ok += 1;
+        }
+    }
+    eprintln!("stream flood: {ok} of 1000 served, at most {most} in flight");
+    assert!(ok > 0);
+    assert!(checked_bystander || most < 100);
+    assert_serves(addr, "after the stream flood").await;
+}
+
+#[tokio::test]
+async fn a_huge_h2_header_list_is_refused_and_not_forwarded() {
+    let _serial = SERIAL.lock().await;
+    let w = world_with("").await;
+    let addr = w.gateway.http;
+    let mut sender = h2c(addr).await;
+    let mut builder = http::Request::builder()
+        .uri("http://cdn.test/v3/huge")
+        .header("api_key", API_KEY)
+        .header("access_token", PROD);
+    let pad = "h".repeat(1024);
+    for i in 0..100 {
+        builder = builder.header(format!("x-pad-{i}"), pad.as_str());
+    }
+    let request = builder.body(Full::new(Bytes::new())).unwrap();
+    let before = w.origin.request_count();
+    let answer = timeout(PROMPT, sender.send_request(request))
+        .await
+        .expect("a huge header list hung");
+    match answer {
+        Ok(response) => {
+            eprintln!("huge header list: answered {}", response.status());
+            assert_eq!(response.status(), 431);
+        }
+        Err(err) => eprintln!("huge header list: stream refused ({err})"),
+    }
+    assert_eq!(
+        w.origin.request_count(),
+        before,
+        "a huge header list was forwarded"
+    );
+    assert_serves(addr, "after a huge header list").await;
+}
+
+/// A raw TCP "origin" that reads a request head and answers `reply`, then
+/// closes.
+async fn garbage_origin(reply: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(reply).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Sends `request` and reads the body; the status and the body, or the
+/// body's error. Panics on a hang.
+async fn send_lenient(
+    addr: SocketAddr,
+    request: http::Request<Full<Bytes>>,
+) -> (http::StatusCode, Result<Bytes, String>, Option<String>) {
+    timeout(PROMPT, async {
+        let (mut sender, _connection) = h1(addr).await;
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        let reason = response
+            .headers()
+            .get("x-stackgate-reason")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| e.to_string());
+        (status, body, reason)
+    })
+    .await
+    .expect("the gateway hung on a faulty origin")
+}
+
+#[tokio::test]
+async fn faulty_origins_fail_cleanly_without_leaks() {
+    let _serial = SERIAL.lock().await;
+    let (short, short_task) =
+        garbage_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc").await;
+    let (noise, noise_task) = garbage_origin(b"\x00\xff\x13garbage \x7f\r\n\x01\r\n\r\n").await;
+    let extra = format!(
+        "[upstream]\nrequest_timeout = \"300ms\"\n\n\
+         [[routes]]\nkind = \"delivery\"\nhosts = [\"short.test\"]\nupstream = \"http://{short}\"\n\n\
+         [[routes]]\nkind = \"delivery\"\nhosts = [\"noise.test\"]\nupstream = \"http://{noise}\"\n"
+    );
+    let w = world_with(&extra).await;
+    let addr = w.gateway.http;
+    let token = [("api_key", API_KEY), ("access_token", PROD)];
+    assert_serves(addr, "before the faults").await;
+    let fds_before = open_fds();
+
+    // Reset by the origin.
+    let reply = timeout(PROMPT, send(addr, get("cdn.test", "/reset", &token)))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.reason(), "upstream_error");
+    // Stalled past request_timeout.
+    let started = Instant::now();
+    let reply = timeout(PROMPT, send(addr, get("cdn.test", "/slow?ms=5000", &token)))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.reason(), "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // A body shorter than its Content-Length: refused or cut, never whole.
+    let (status, body, reason) = send_lenient(addr, get("short.test", "/v3/x", &token)).await;
+    eprintln!("short body: {status} {body:?}");
+    match status.as_u16() {
+        502 => assert_eq!(reason.as_deref(), Some("upstream_error")),
+        200 => assert!(
+            body.as_ref().map_or(true, |b| b.len() < 10),
+            "a cut body arrived whole: {body:?}"
+        ),
+        other => panic!("short body: unexpected {other}"),
+    }
+    // Not HTTP at all.
+    let (status, _, reason) = send_lenient(addr, get("noise.test", "/v3/x", &token)).await;
+    assert_eq!(status, 502);
+    assert_eq!(reason.as_deref(), Some("upstream_error"));
+    assert_serves(addr, "after the garbage origins").await;
+
+    // 50 MB stream through without being buffered.
+    let rss_before = rss_bytes();
+    let (mut sender, _connection) = h1(addr).await;
+    let response = timeout(
+        PROMPT,
+        sender.send_request(get("cdn.test", "/big?bytes=50000000", &token)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut total = 0usize;
+    let mut peak = rss_before;
+    let mut frames = 0u64;
+    while let Some(frame) = timeout(PROMPT, body.frame())
+        .await
+        .expect("a chunk in time")
+    {
+        if let Ok(data) = frame.unwrap().into_data() {
+            total += data.len();
+        }
+        frames += 1;
+        if frames % 64 == 0 {
+            peak = peak.max(rss_bytes());
+        }
+    }
+    assert_eq!(total, 50_000_000);
+    let grown = peak.saturating_sub(rss_before);
+    assert!(
+        grown < 20 << 20,
+        "RSS grew by {} MiB while streaming 50 MB",
+        grown >> 20
+    );
+    drop(sender);
+
+    // Nothing left behind, and other routes unaffected.
+    assert_serves(addr, "after the faults").await;
+    short_task.abort();
+    noise_task.abort();
+    wait_for_fds(fds_before, 8, Duration::from_secs(20)).await;
+    let reply = timeout(
+        PROMPT,
+        send(addr, get("prefixed.test", "/cda/v3/entries", &token)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
