@@ -61,6 +61,8 @@ pub enum Aborted {
     Revoked,
     #[error("client body: {0}")]
     ClientBody(String),
+    #[error("upstream body stalled longer than request_timeout")]
+    UpstreamStalled,
 }
 
 /// Serves one request. An `Err` makes hyper reset the stream (HTTP/2) or
@@ -84,7 +86,7 @@ pub async fn handle(
         }
     };
     response.headers_mut().insert(REQUEST_ID, request_id);
-    Ok(response.map(|body| Tracked::new(body, None, Some(activity)).boxed_unsync()))
+    Ok(response.map(|body| Tracked::new(body, None, Some(activity), None).boxed_unsync()))
 }
 
 async fn route_request(
@@ -383,7 +385,10 @@ async fn forward(
     let (mut head, body) = upstream.into_parts();
     strip_hop_by_hop(&mut head.headers);
     head.version = Version::HTTP_11;
-    let body = Tracked::new(body, Some(guard), None).boxed_unsync();
+    // `request_timeout` also bounds every silence of the upstream body, so a
+    // stalled origin cannot hold a client connection forever.
+    let stall = Some(shared.config.upstream.request_timeout);
+    let body = Tracked::new(body, Some(guard), None, stall).boxed_unsync();
     Ok(Response::from_parts(head, body))
 }
 
@@ -473,6 +478,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub struct Tracked<B> {
     inner: B,
     cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// The longest silence allowed between two frames of an upstream body.
+    stall: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
     _session: Option<crate::sessions::RequestGuard>,
     _activity: Option<crate::server::ActivityGuard>,
 }
@@ -482,13 +489,16 @@ impl<B> Tracked<B> {
         inner: B,
         session: Option<crate::sessions::RequestGuard>,
         activity: Option<crate::server::ActivityGuard>,
+        stall: Option<std::time::Duration>,
     ) -> Self {
         let cancel = session
             .as_ref()
             .map(|guard| Box::pin(guard.cancel.clone().cancelled_owned()));
+        let stall = stall.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
         Tracked {
             inner,
             cancel,
+            stall,
             _session: session,
             _activity: activity,
         }
@@ -512,7 +522,26 @@ where
                 return Poll::Ready(Some(Err(Box::new(Aborted::Revoked))));
             }
         }
-        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some((limit, sleep)) = self.stall.as_mut() {
+                    let deadline = Instant::now() + *limit;
+                    sleep.as_mut().reset(deadline);
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let stalled = match self.stall.as_mut() {
+                    Some((_, sleep)) => sleep.as_mut().poll(cx).is_ready(),
+                    None => false,
+                };
+                if stalled {
+                    Poll::Ready(Some(Err(Box::new(Aborted::UpstreamStalled))))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {

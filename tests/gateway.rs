@@ -495,6 +495,57 @@ async fn upstream_errors_are_502_and_timeouts_504() {
 }
 
 #[tokio::test]
+async fn an_upstream_body_that_stalls_is_cut_after_request_timeout() {
+    // An origin that sends a head and 3 of 100 promised bytes, then goes silent.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stalled = listener.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 4096];
+            let _ = stream.read(&mut head).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc")
+                .await;
+            held.push(stream);
+        }
+    });
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let gateway = spawn_ready(&config_with(
+        &format!("http://{stalled}"),
+        &cma_registry(&cma.url(), None),
+        "[upstream]\nrequest_timeout = \"300ms\"\n",
+    ))
+    .await;
+    let stream = TcpStream::connect(gateway.http).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(get("cdn.test", "/v3/x", &[SITE, ("access_token", PROD)]))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let started = std::time::Instant::now();
+    let body = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_body_util::BodyExt::collect(response.into_body()),
+    )
+    .await
+    .expect("the stalled body must be cut, not left hanging");
+    assert!(
+        body.is_err(),
+        "a 100-byte body with 3 bytes must end in an error"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    holder.abort();
+}
+
+#[tokio::test]
 async fn upstream_statuses_and_large_bodies_stream_through() {
     let w = world().await;
     let token = [SITE, ("access_token", PROD)];
