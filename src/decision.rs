@@ -411,4 +411,6 @@ fn api_key_from_path(path: &str) -> Option<&str> {
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
