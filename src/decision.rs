@@ -247,7 +247,9 @@ pub fn decide<'a>(
                     param: (*param).to_owned(),
                 });
             }
-            if key == "environment" {
+            // Any case: whether Contentstack would read `Environment` is not
+            // ours to guess, and a refusal is the safe side of that doubt.
+            if key.eq_ignore_ascii_case("environment") {
                 environments.push(value.into_owned());
             }
         }

@@ -377,7 +377,7 @@ fn must_refuse(parts: &Parts) -> Option<String> {
         {
             return Some(format!("{key} in the query"));
         }
-        if key == "environment" {
+        if key.eq_ignore_ascii_case("environment") {
             environments.push(value.into_owned());
         }
     }
@@ -867,7 +867,7 @@ fn check_permit(permit: &Permit<'_>, parts: &Parts) -> Result<(), TestCaseError>
     prop_assert_eq!(permit.session, session);
     let environments: Vec<String> =
         form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
-            .filter(|(k, _)| k == "environment")
+            .filter(|(k, _)| k.eq_ignore_ascii_case("environment"))
             .map(|(_, v)| v.into_owned())
             .collect();
     prop_assert_eq!(&permit.environments, &environments);

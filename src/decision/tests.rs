@@ -244,6 +244,7 @@ fn every_row_of_the_table() {
         ("row 13: other environment", get.clone(), "cdn.test", "/v3/x?environment=staging", vec![SITE, PROD], Refuse("environment_out_of_scope")),
         ("row 13: one of two environments out", get.clone(), "cdn.test", "/v3/x?environment=production&environment=staging", vec![SITE, PROD], Refuse("environment_out_of_scope")),
         ("row 13: environment by name", get.clone(), "cdn.test", "/v3/x?environment=production", vec![SITE, PROD], Forward("blt_prod", SessionKind::Delivery)),
+        ("row 13: parameter name in any case", get.clone(), "cdn.test", "/v3/x?Environment=staging", vec![SITE, PROD], Refuse("environment_out_of_scope")),
         ("row 13: environment by uid", get.clone(), "cdn.test", "/v3/x?environment=env_prod", vec![SITE, PROD], Forward("blt_prod", SessionKind::Delivery)),
         ("row 14: branch out of scope", get.clone(), "cdn.test", "/v3/x", vec![SITE, PROD, ("branch", "feature")], Refuse("branch_out_of_scope")),
         ("row 14: branch in list", get.clone(), "cdn.test", "/v3/x", vec![SITE, PROD, ("branch", "development")], Forward("blt_prod", SessionKind::Delivery)),
