@@ -18,7 +18,6 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 
 use super::*;
-use crate::config::{RegistrySettings, Source};
 use crate::registry::{Environment, Registry, Scope, Token};
 use crate::route::{Cors, Route, RouteKind, Upstream};
 
@@ -254,21 +253,7 @@ fn registry(tokens: &[ModelToken]) -> Registry {
     registry
 }
 
-fn settings(max_staleness: Duration) -> RegistrySettings {
-    RegistrySettings {
-        source: Source::File {
-            path: PathBuf::new(),
-        },
-        snapshot: None,
-        max_removal_ratio: 0.5,
-        max_staleness: Some(max_staleness),
-    }
-}
-
-struct World {
-    router: Router,
-    stacks: Stacks,
-}
+use super::tests::{settings, World};
 
 fn world() -> World {
     let routes: Vec<Arc<Route>> = ROUTES

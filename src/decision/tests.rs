@@ -51,7 +51,8 @@ fn token(
     }
 }
 
-fn settings(max_staleness: Duration) -> RegistrySettings {
+/// Settings for a stack served from memory (also used by the property tests).
+pub(super) fn settings(max_staleness: Duration) -> RegistrySettings {
     RegistrySettings {
         source: Source::File {
             path: PathBuf::new(),
@@ -62,9 +63,10 @@ fn settings(max_staleness: Duration) -> RegistrySettings {
     }
 }
 
-struct World {
-    router: Router,
-    stacks: Stacks,
+/// The routes and stacks a decision is made against.
+pub(super) struct World {
+    pub(super) router: Router,
+    pub(super) stacks: Stacks,
 }
 
 fn world() -> World {
