@@ -20,6 +20,11 @@
 //!   the scope checks read misses the CPU caches, as with many clients.
 //!   Both put the token's header into one request before each call (a
 //!   header insert, ~10-20 ns, is inside the measured time).
+//! - `limits/{hot,spread}/N`: row 15 for the same permitted requests:
+//!   `Limits::penalized` (the client IP's failed-auth bucket) then
+//!   `Limits::admit` (the token's bucket, then the stack's origin bucket),
+//!   with every limit configured and high enough never to refuse. The
+//!   decision path of a request is `decide` plus this.
 //! - `swap/100k`: `Registry::next` with 100k tokens of which one changed
 //!   (diff, revoked-digest bookkeeping, rebuild of the maps).
 //!
@@ -29,8 +34,7 @@
 //! allocator), divided by N; allocator slack is not counted (the load script
 //! reports the gateway's RSS for that).
 //!
-//! Not included: rate limiting (row 15), which is not in `decide` and is
-//! being written separately; `check_http` (row 16), a few header scans.
+//! Not included: `check_http` (row 16), a few header scans.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -49,8 +53,12 @@ use http::Request;
 use mimalloc::MiMalloc;
 use tokio::time::Instant;
 
-use stackgate::config::{RegistrySettings, Source};
+use std::net::{IpAddr, Ipv4Addr};
+
+use governor::clock::DefaultClock;
+use stackgate::config::{LimitSettings, RateLimit, RegistrySettings, Source};
 use stackgate::decision::{decide, Decision, ACCESS_TOKEN};
+use stackgate::limits::{Limits, MAX_TRACKED_IPS};
 use stackgate::registry::{
     Digest, Environment, Lookup, Registry, Scope, StackRegistry, Stacks, Token,
 };
@@ -239,6 +247,21 @@ fn stacks(registry: Registry) -> Stacks {
     ))])
 }
 
+/// Every limit of `[stacks.limits]` set, none ever reached.
+fn limits() -> Limits {
+    let high = RateLimit {
+        rate: 1_000_000_000,
+        burst: 1_000_000_000,
+    };
+    let settings = LimitSettings {
+        per_token: Some(high),
+        origin: Some(high),
+        failed_auth_per_ip: Some(RateLimit { rate: 5, burst: 20 }),
+        overrides: Vec::new(),
+    };
+    Limits::with_clock([&settings], DefaultClock::default(), MAX_TRACKED_IPS)
+}
+
 fn allowed(decision: Decision<'_>) {
     match decision {
         Decision::Forward(permit) => {
@@ -315,6 +338,31 @@ fn bench_size(c: &mut Criterion, n: usize) {
             next = (next + 1) % SPREAD;
             parts.headers.insert(ACCESS_TOKEN, values[next].clone());
             allowed(decide(&router, &stacks, black_box(&parts), now))
+        })
+    });
+    group.finish();
+
+    // Row 15, for the tokens the requests above were permitted.
+    let limits = limits();
+    let client = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+    let permitted: Vec<Arc<Token>> = spread
+        .iter()
+        .map(|&i| Arc::clone(registry.get(&format!("blt{i:016x}")).unwrap()))
+        .collect();
+    let hot_token = Arc::clone(registry.get(&format!("blt{:016x}", n / 2)).unwrap());
+    let row15 = |token: &Token| {
+        limits.penalized(0, client).unwrap();
+        limits.admit(0, token).unwrap();
+    };
+    let mut group = c.benchmark_group("limits");
+    group.bench_function(BenchmarkId::new("hot", n), |b| {
+        b.iter(|| row15(black_box(&hot_token)))
+    });
+    group.bench_function(BenchmarkId::new("spread", n), |b| {
+        let mut next = 0;
+        b.iter(|| {
+            next = (next + 1) % SPREAD;
+            row15(black_box(&permitted[next]))
         })
     });
     group.finish();

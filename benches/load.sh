@@ -28,6 +28,9 @@
 #
 # Both proxies write an access log line per request (nginx to a file,
 # stackgate to stderr redirected to a file); ACCESS_LOG=off turns both off.
+# With LIMITS=on (the default) stackgate has every rate limit of
+# [stacks.limits] configured (row 15 runs for each request), set high enough
+# never to refuse; LIMITS=off leaves them out.
 # PROFILE=1 records `perf record -e cpu-clock -g` of stackgate during its
 # first h1 run into $OUT/stackgate.perf.data.
 #
@@ -44,6 +47,7 @@ TOKENS=${TOKENS:-100000}
 TOKEN_SAMPLE=${TOKEN_SAMPLE:-256}
 MODES=${MODES:-"h1 h1-c1 h2c tls"}
 ACCESS_LOG=${ACCESS_LOG:-on}
+LIMITS=${LIMITS:-on}
 PROFILE=${PROFILE:-0}
 BASE_PORT=${BASE_PORT:-18180}
 LOADGEN_CPU=0
@@ -272,6 +276,15 @@ api_key = "$API_KEY"
 tokens_file = "$5"
 max_staleness = "0"
 EOF
+    if [[ $LIMITS == on ]]; then
+        cat >>"$1" <<EOF
+
+[stacks.limits]
+per_token = { rate = 1000000000, burst = 1000000000 }
+origin = { rate = 1000000000, burst = 1000000000 }
+failed_auth_per_ip = { rate = 5, burst = 20 }
+EOF
+    fi
 }
 sg_conf "$OUT/stackgate.toml" "$P_SG" "$P_SG_TLS" "$P_SG_ADMIN" "$OUT/tokens.json"
 sg_conf "$OUT/stackgate-small.toml" "$P_SG_SMALL" "" "$P_SG_SMALL_ADMIN" "$OUT/tokens-small.json"

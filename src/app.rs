@@ -37,6 +37,8 @@ pub struct Shared {
     pub sessions: Arc<Sessions>,
     pub client: HttpClient,
     pub metrics: Metrics,
+    /// The duration histograms, resolved per route kind.
+    pub durations: crate::metrics::RouteDurations,
     pub usage: crate::metrics::TokenUsage,
     /// Rate limits (SPEC §6).
     pub limits: crate::limits::Limits,
@@ -129,6 +131,7 @@ impl Shared {
             router,
             stacks,
             client,
+            durations: metrics.durations(),
             metrics,
             usage: Default::default(),
             http: server::http_builder(),

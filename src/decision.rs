@@ -6,6 +6,7 @@
 //! limits) and row 17 (upstream errors) happen after a decision, elsewhere,
 //! but share the [`Reject`] type so that one function renders every refusal.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::header::{HeaderName, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -171,6 +172,9 @@ pub enum Decision<'a> {
     Refuse(Refusal<'a>),
 }
 
+/// Headers a request may carry at most once (row 16), `content-length` first.
+static SINGLE: [HeaderName; 5] = [CONTENT_LENGTH, API_KEY, ACCESS_TOKEN, PREVIEW_TOKEN, BRANCH];
+
 /// Row 16: the HTTP layer's checks, before anything else is looked at.
 /// Hyper already answers heads it cannot parse (or that overflow its buffer);
 /// this catches what it lets through.
@@ -179,23 +183,26 @@ pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> 
     if url_len > MAX_URL_BYTES {
         return Err(BadRequest::UrlTooLong);
     }
-    let head: usize = parts
-        .headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum::<usize>()
-        + url_len;
+    // One pass over the headers: the head's size, and how often each header
+    // that must appear at most once does.
+    let headers = &parts.headers;
+    let mut head = url_len;
+    let mut seen = [0u8; SINGLE.len()];
+    let mut transfer_encoding = false;
+    for (name, value) in headers {
+        head += name.as_str().len() + value.len() + 4;
+        if name == TRANSFER_ENCODING {
+            transfer_encoding = true;
+        } else if let Some(i) = SINGLE.iter().position(|single| single == name) {
+            seen[i] = seen[i].saturating_add(1);
+        }
+    }
     if head > MAX_HEAD_BYTES {
         return Err(BadRequest::HeadTooLarge);
     }
-    let headers = &parts.headers;
-    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+    // `seen[0]` counts `content-length`.
+    if (transfer_encoding && seen[0] > 0) || seen.iter().any(|&n| n > 1) {
         return Err(BadRequest::Malformed);
-    }
-    for name in [CONTENT_LENGTH, API_KEY, ACCESS_TOKEN, PREVIEW_TOKEN, BRANCH] {
-        if headers.get_all(&name).iter().nth(1).is_some() {
-            return Err(BadRequest::Malformed);
-        }
     }
     if let Some(length) = headers.get(CONTENT_LENGTH) {
         let length: u64 = length
@@ -238,7 +245,7 @@ pub fn decide<'a>(
     // Row 3 (and the environment values for row 13, in the same pass).
     let mut environments = Vec::new();
     if let Some(query) = parts.uri.query() {
-        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        for (key, value) in query_pairs(query) {
             if let Some(param) = CREDENTIAL_PARAMS
                 .iter()
                 .find(|p| key.eq_ignore_ascii_case(p))
@@ -386,6 +393,25 @@ fn refuse<'a>(
         stack,
         token,
     })
+}
+
+/// A query's `key=value` pairs as `application/x-www-form-urlencoded`
+/// decodes them (`form_urlencoded::parse`), but without decoding pairs that
+/// have nothing to decode, which is nearly all of them.
+fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            if pair.bytes().any(|b| b == b'%' || b == b'+') {
+                form_urlencoded::parse(pair.as_bytes())
+                    .next()
+                    .unwrap_or_default()
+            } else {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (Cow::Borrowed(key), Cow::Borrowed(value))
+            }
+        })
 }
 
 /// A CORS preflight: OPTIONS with `Origin` and `Access-Control-Request-Method`.

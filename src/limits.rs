@@ -102,7 +102,7 @@ pub struct Limits<C: Clock + Clone = DefaultClock> {
 struct StackLimits<C: Clock + Clone> {
     per_token: Option<RateLimit>,
     overrides: Vec<(String, RateLimit)>,
-    tokens: DashMap<Arc<str>, TokenBucket<C>>,
+    tokens: DashMap<Arc<str>, TokenBucket<C>, foldhash::fast::RandomState>,
     origin: Option<Limit<Limiter<Probe, PeekState, C>>>,
     failed_auth: Option<IpLimits<C>>,
 }
@@ -259,7 +259,7 @@ impl<C: Clock + Clone> StackLimits<C> {
         StackLimits {
             per_token: *per_token,
             overrides: overrides.clone(),
-            tokens: DashMap::new(),
+            tokens: DashMap::default(),
             origin: origin.map(|limit| Limit {
                 limit,
                 limiter: RateLimiter::new(quota(limit), PeekState::default(), clock.clone()),

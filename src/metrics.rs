@@ -3,9 +3,12 @@
 //! The `token` label is always a token's uid, never its value; series of a
 //! token that is gone are removed with [`Metrics::forget_token`].
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::route::RouteKind;
@@ -171,6 +174,17 @@ impl Metrics {
         let _ = self.active_sessions.remove_label_values(&[stack, uid]);
     }
 
+    /// `request_duration_seconds` and `upstream_duration_seconds` of each
+    /// route kind, resolved once so that a request does no label lookup.
+    pub fn durations(&self) -> RouteDurations {
+        let by_route =
+            |vec: &HistogramVec| RouteKind::ALL.map(|kind| vec.with_label_values(&[kind.name()]));
+        RouteDurations {
+            request: by_route(&self.request_duration),
+            upstream: by_route(&self.upstream_duration),
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -182,47 +196,82 @@ impl Metrics {
     }
 }
 
-/// Per-token counters for `GET /admin/tokens`: requests seen, how many were
-/// refused, and when the token was last used. Entries go with their token.
+/// The duration histograms of every route kind, indexed by [`RouteKind::index`].
+pub struct RouteDurations {
+    pub request: [Histogram; RouteKind::ALL.len()],
+    pub upstream: [Histogram; RouteKind::ALL.len()],
+}
+
+/// Per-token counters for `GET /admin/tokens` (requests seen, how many were
+/// refused, when the token was last used) and the token's
+/// `requests_total{outcome="forwarded"}` series, resolved on first use so
+/// that a forwarded request costs one map lookup and a few atomic adds.
+/// Entries go with their token.
 #[derive(Default)]
 pub struct TokenUsage {
-    by_token: dashmap::DashMap<(usize, std::sync::Arc<str>), Usage>,
+    by_token: dashmap::DashMap<(usize, Arc<str>), Usage, foldhash::fast::RandomState>,
 }
 
 /// One token's counters.
 #[derive(Default)]
 pub struct Usage {
-    pub requests: std::sync::atomic::AtomicU64,
-    pub rejections: std::sync::atomic::AtomicU64,
+    pub requests: AtomicU64,
+    pub rejections: AtomicU64,
     /// Unix seconds.
-    pub last_used: std::sync::atomic::AtomicU64,
+    pub last_used: AtomicU64,
+    forwarded: [OnceLock<IntCounter>; RouteKind::ALL.len()],
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl TokenUsage {
-    /// Counts a request of token `uid` on stack `stack`.
-    pub fn record(&self, stack: usize, uid: &std::sync::Arc<str>, refused: bool) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let bump = |usage: &Usage| {
+    fn with_usage(&self, stack: usize, uid: &Arc<str>, f: impl FnOnce(&Usage)) {
+        let key = (stack, Arc::clone(uid));
+        match self.by_token.get(&key) {
+            Some(usage) => f(&usage),
+            None => f(&self.by_token.entry(key).or_default()),
+        }
+    }
+
+    /// Counts a refused request of token `uid` on stack `stack`.
+    pub fn record(&self, stack: usize, uid: &Arc<str>, refused: bool) {
+        self.with_usage(stack, uid, |usage| {
             usage.requests.fetch_add(1, Relaxed);
             if refused {
                 usage.rejections.fetch_add(1, Relaxed);
             }
-            usage.last_used.store(now, Relaxed);
-        };
-        let key = (stack, std::sync::Arc::clone(uid));
-        match self.by_token.get(&key) {
-            Some(usage) => bump(&usage),
-            None => bump(&self.by_token.entry(key).or_default()),
-        }
+            usage.last_used.store(unix_now(), Relaxed);
+        });
+    }
+
+    /// Counts a forwarded request, here and in `requests_total`.
+    pub fn forwarded(
+        &self,
+        metrics: &Metrics,
+        stack: (usize, &str),
+        uid: &Arc<str>,
+        route: RouteKind,
+    ) {
+        self.with_usage(stack.0, uid, |usage| {
+            usage.requests.fetch_add(1, Relaxed);
+            usage.last_used.store(unix_now(), Relaxed);
+            usage.forwarded[route.index()]
+                .get_or_init(|| {
+                    metrics
+                        .requests
+                        .with_label_values(&[stack.1, uid, route.name(), "forwarded"])
+                })
+                .inc();
+        });
     }
 
     /// `(requests, rejections, last_used)` of a token, if it was ever used.
     pub fn get(&self, stack: usize, uid: &str) -> Option<(u64, u64, u64)> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let usage = self.by_token.get(&(stack, std::sync::Arc::from(uid)))?;
+        let usage = self.by_token.get(&(stack, Arc::from(uid)))?;
         Some((
             usage.requests.load(Relaxed),
             usage.rejections.load(Relaxed),
@@ -232,6 +281,6 @@ impl TokenUsage {
 
     /// Drops a token that is gone.
     pub fn forget(&self, stack: usize, uid: &str) {
-        self.by_token.remove(&(stack, std::sync::Arc::from(uid)));
+        self.by_token.remove(&(stack, Arc::from(uid)));
     }
 }

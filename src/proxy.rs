@@ -7,12 +7,12 @@
 //! [`response::rejection`]; nothing refused is forwarded.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::{PathAndQuery, Uri};
@@ -29,7 +29,8 @@ use crate::decision::{
 use crate::metrics::{NO_STACK, NO_TOKEN};
 use crate::response::{self, Body, BoxError};
 use crate::route::Route;
-use crate::server::ConnInfo;
+use crate::server::{ActivityGuard, ConnInfo};
+use crate::sessions::RequestGuard;
 use crate::Shared;
 
 /// The request id header, added when absent and returned on every response.
@@ -38,7 +39,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Headers that belong to one connection and are never forwarded.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -78,7 +79,7 @@ pub async fn handle(
     let (mut parts, body) = request.into_parts();
     let request_id = request_id(&mut parts.headers);
 
-    let mut response = match route_request(&shared, &conn, &parts, body, started).await {
+    let mut response = match route_request(&shared, &conn, &parts, body, started, activity).await {
         Ok(response) => response,
         Err(aborted) => {
             tracing::info!(target: "stackgate::access", request_id = %request_id.to_str().unwrap_or(""), error = %aborted, "request aborted");
@@ -86,7 +87,13 @@ pub async fn handle(
         }
     };
     response.headers_mut().insert(REQUEST_ID, request_id);
-    Ok(response.map(|body| Tracked::new(body, None, Some(activity), None).boxed_unsync()))
+    Ok(response)
+}
+
+/// Holds the request's activity guard until a locally made response's body
+/// is sent (a forwarded response's body holds it itself).
+fn finish(response: Response<Body>, activity: ActivityGuard) -> Response<Body> {
+    response.map(|body| Tracked::new(body, None, Some(activity), None).boxed_unsync())
 }
 
 async fn route_request(
@@ -95,6 +102,7 @@ async fn route_request(
     parts: &Parts,
     body: Incoming,
     started: Instant,
+    activity: ActivityGuard,
 ) -> Result<Response<Body>, Aborted> {
     let http = if conn.activity.smuggled() {
         Err(BadRequest::Malformed)
@@ -108,18 +116,18 @@ async fn route_request(
             stack: None,
             token: None,
         };
-        return Ok(refuse(shared, parts, refusal, started));
+        return Ok(finish(refuse(shared, parts, refusal, started), activity));
     }
     let client = conn.peer.ip();
     match decide(&shared.router, &shared.stacks, parts, started) {
-        Decision::Preflight(route) => Ok(preflight(route, parts)),
+        Decision::Preflight(route) => Ok(finish(preflight(route, parts), activity)),
         Decision::Refuse(refusal) => {
             let refusal = count_failed_auth(shared, client, refusal);
-            Ok(refuse(shared, parts, refusal, started))
+            Ok(finish(refuse(shared, parts, refusal, started), activity))
         }
         Decision::Forward(permit) => match admit(shared, client, &permit) {
-            Ok(()) => forward(shared, conn, parts, body, permit, started).await,
-            Err(refusal) => Ok(refuse(shared, parts, refusal, started)),
+            Ok(()) => forward(shared, conn, parts, body, permit, started, activity).await,
+            Err(refusal) => Ok(finish(refuse(shared, parts, refusal, started), activity)),
         },
     }
 }
@@ -173,9 +181,13 @@ fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     {
         return id.clone();
     }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let id: u128 = rand::random();
-    let value = HeaderValue::from_str(&format!("{id:032x}"))
-        .unwrap_or_else(|_| HeaderValue::from_static("0"));
+    let mut text = [0u8; 32];
+    for (i, digit) in text.iter_mut().enumerate() {
+        *digit = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    let value = HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"));
     headers.insert(REQUEST_ID, value.clone());
     value
 }
@@ -221,10 +233,7 @@ fn refuse(
         .inc();
     let elapsed = started.elapsed();
     if let Some(route) = route {
-        metrics
-            .request_duration
-            .with_label_values(&[route.kind.name()])
-            .observe(elapsed.as_secs_f64());
+        shared.durations.request[route.kind.index()].observe(elapsed.as_secs_f64());
     }
     let mut response = response::rejection(&reject);
     tracing::info!(
@@ -308,69 +317,60 @@ async fn forward(
     body: Incoming,
     permit: Permit<'_>,
     started: Instant,
+    activity: ActivityGuard,
 ) -> Result<Response<Body>, Aborted> {
+    let refused = |refusal, activity| Ok(finish(refuse(shared, parts, refusal, started), activity));
     let body = match read_body(body, shared.config.server.max_body_bytes).await {
         Ok(body) => body,
         Err(BodyError::TooLarge) => {
-            let refusal = permit_refusal(&permit, Reject::BadRequest(BadRequest::BodyTooLarge));
-            return Ok(refuse(shared, parts, refusal, started));
+            let reject = Reject::BadRequest(BadRequest::BodyTooLarge);
+            return refused(permit_refusal(&permit, reject), activity);
         }
         Err(BodyError::Client(err)) => return Err(Aborted::ClientBody(err)),
     };
     let guard = shared
         .sessions
         .begin(&conn.sessions, &permit, parts.version == Version::HTTP_2);
-    let upstream_request = match upstream_request(parts, &permit, conn.peer, conn.scheme, body) {
-        Some(request) => request,
-        None => {
-            let refusal = permit_refusal(&permit, Reject::BadRequest(BadRequest::Malformed));
-            return Ok(refuse(shared, parts, refusal, started));
-        }
+    let Some(upstream_request) = upstream_request(parts, &permit, conn, body) else {
+        let reject = Reject::BadRequest(BadRequest::Malformed);
+        return refused(permit_refusal(&permit, reject), activity);
     };
 
     let upstream_started = Instant::now();
     let timeout = shared.config.upstream.request_timeout;
     let call = tokio::time::timeout(timeout, shared.client.request(upstream_request));
-    let answer = tokio::select! {
-        biased;
-        () = guard.cancel.cancelled() => return Err(Aborted::Revoked),
-        answer = call => answer,
+    // An HTTP/2 stream is reset on its own; on HTTP/1.1 the connection task
+    // drops the whole connection, this future with it.
+    let answer = match guard.cancel() {
+        Some(cancel) => tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Err(Aborted::Revoked),
+            answer = call => answer,
+        },
+        None => call.await,
     };
-    let route_name = permit.route.kind.name();
+    let kind = permit.route.kind;
+    let route_name = kind.name();
     let upstream = match answer {
         Ok(Ok(response)) => response,
         Ok(Err(err)) => {
             tracing::warn!(route = route_name, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
-            let refusal = permit_refusal(&permit, Reject::UpstreamError);
-            return Ok(refuse(shared, parts, refusal, started));
+            return refused(permit_refusal(&permit, Reject::UpstreamError), activity);
         }
         Err(_elapsed) => {
-            let refusal = permit_refusal(&permit, Reject::UpstreamTimeout);
-            return Ok(refuse(shared, parts, refusal, started));
+            return refused(permit_refusal(&permit, Reject::UpstreamTimeout), activity)
         }
     };
-    let metrics = &shared.metrics;
-    metrics
-        .upstream_duration
-        .with_label_values(&[route_name])
-        .observe(upstream_started.elapsed().as_secs_f64());
+    let durations = &shared.durations;
+    durations.upstream[kind.index()].observe(upstream_started.elapsed().as_secs_f64());
     let elapsed = started.elapsed();
-    metrics
-        .request_duration
-        .with_label_values(&[route_name])
-        .observe(elapsed.as_secs_f64());
-    metrics
-        .requests
-        .with_label_values(&[
-            &permit.stack.name,
-            &permit.token.uid,
-            route_name,
-            "forwarded",
-        ])
-        .inc();
-    shared
-        .usage
-        .record(permit.stack.index, &permit.token.uid, false);
+    durations.request[kind.index()].observe(elapsed.as_secs_f64());
+    shared.usage.forwarded(
+        &shared.metrics,
+        (permit.stack.index, &permit.stack.name),
+        &permit.token.uid,
+        kind,
+    );
     tracing::info!(
         target: "stackgate::access",
         request_id = %log_id(parts),
@@ -388,7 +388,7 @@ async fn forward(
     // `request_timeout` also bounds every silence of the upstream body, so a
     // stalled origin cannot hold a client connection forever.
     let stall = Some(shared.config.upstream.request_timeout);
-    let body = Tracked::new(body, Some(guard), None, stall).boxed_unsync();
+    let body = Tracked::new(body, Some(guard), Some(activity), stall).boxed_unsync();
     Ok(Response::from_parts(head, body))
 }
 
@@ -425,34 +425,45 @@ async fn read_body(body: Incoming, max: u64) -> Result<Bytes, BodyError> {
 fn upstream_request(
     parts: &Parts,
     permit: &Permit<'_>,
-    peer: SocketAddr,
-    scheme: &'static str,
+    conn: &ConnInfo,
     body: Bytes,
 ) -> Option<Request<Full<Bytes>>> {
-    let path_and_query = match parts.uri.query() {
-        Some(query) => format!("{}?{query}", permit.path),
-        None => permit.path.to_owned(),
+    let path_and_query = match parts.uri.path_and_query() {
+        // No prefix stripped: the client's path and query as they are.
+        Some(pq) if std::ptr::eq(pq.path(), permit.path) => pq.clone(),
+        _ => {
+            let text = match parts.uri.query() {
+                Some(query) => format!("{}?{query}", permit.path),
+                None => permit.path.to_owned(),
+            };
+            PathAndQuery::try_from(text).ok()?
+        }
     };
     let upstream = &permit.route.upstream;
-    let uri = Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(PathAndQuery::try_from(path_and_query).ok()?)
-        .build()
-        .ok()?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(upstream.scheme.clone());
+    uri.authority = Some(upstream.authority.clone());
+    uri.path_and_query = Some(path_and_query);
+    let uri = Uri::from_parts(uri).ok()?;
+
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     if permit.session == SessionKind::Delivery {
         headers.remove(PREVIEW_TOKEN);
     }
-    let client_ip = peer.ip().to_string();
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {client_ip}"),
-        None => client_ip,
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+        Some(prior) => {
+            let mut value = BytesMut::with_capacity(prior.len() + 2 + conn.client_ip.len());
+            value.extend_from_slice(prior.as_bytes());
+            value.extend_from_slice(b", ");
+            value.extend_from_slice(conn.client_ip.as_bytes());
+            HeaderValue::from_maybe_shared(value.freeze()).ok()?
+        }
+        None => conn.client_ip.clone(),
     };
-    headers.insert(X_FORWARDED_FOR, HeaderValue::from_str(&forwarded_for).ok()?);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
@@ -461,40 +472,101 @@ fn upstream_request(
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
+    // One pass over the names finds which are present; most requests have
+    // none, most responses only `connection: keep-alive`.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
+        return;
+    }
+    // Other headers that `connection` names are hop-by-hop too.
+    let mut listed: Vec<HeaderName> = Vec::new();
+    let values = headers.get_all(header::CONNECTION).iter();
+    for option in values
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    {
+        let option = option.trim();
+        let known = option.is_empty()
+            || option.eq_ignore_ascii_case("close")
+            || HOP_BY_HOP
+                .iter()
+                .any(|hop| hop.as_str().eq_ignore_ascii_case(option));
+        if !known {
+            if let Ok(name) = HeaderName::from_bytes(option.as_bytes()) {
+                listed.push(name);
+            }
+        }
+    }
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
+    }
+    for name in listed {
         headers.remove(name);
     }
 }
 
-/// A response body that ends in an error the moment its request is revoked,
-/// and that holds the request's session and activity guards until it is done.
+/// A response body that ends in an error the moment its HTTP/2 stream is
+/// revoked or its upstream falls silent too long, and that holds the
+/// request's session and activity guards until it is done.
 pub struct Tracked<B> {
     inner: B,
     cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    /// The longest silence allowed between two frames of an upstream body.
-    stall: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
-    _session: Option<crate::sessions::RequestGuard>,
-    _activity: Option<crate::server::ActivityGuard>,
+    stall: Option<Stall>,
+    _session: Option<RequestGuard>,
+    _activity: Option<ActivityGuard>,
+}
+
+/// The longest silence allowed between two frames of an upstream body. The
+/// timer is armed only once the body has to wait, so a response that is
+/// already buffered (the usual small JSON answer) costs no timer at all.
+struct Stall {
+    limit: std::time::Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last armed.
+    progressed: bool,
+}
+
+impl Stall {
+    /// Polls the silence timer; true once the limit is exceeded.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if self.progressed {
+                    timer.as_mut().reset(Instant::now() + limit);
+                }
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        self.progressed = false;
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl<B> Tracked<B> {
     fn new(
         inner: B,
-        session: Option<crate::sessions::RequestGuard>,
-        activity: Option<crate::server::ActivityGuard>,
+        session: Option<RequestGuard>,
+        activity: Option<ActivityGuard>,
         stall: Option<std::time::Duration>,
     ) -> Self {
         let cancel = session
             .as_ref()
-            .map(|guard| Box::pin(guard.cancel.clone().cancelled_owned()));
-        let stall = stall.map(|limit| (limit, Box::pin(tokio::time::sleep(limit))));
+            .and_then(RequestGuard::cancel)
+            .map(|cancel| Box::pin(cancel.clone().cancelled_owned()));
+        let stall = stall.map(|limit| Stall {
+            limit,
+            timer: None,
+            progressed: false,
+        });
         Tracked {
             inner,
             cancel,
@@ -524,18 +596,14 @@ where
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                if let Some((limit, sleep)) = self.stall.as_mut() {
-                    let deadline = Instant::now() + *limit;
-                    sleep.as_mut().reset(deadline);
+                if let Some(stall) = self.stall.as_mut() {
+                    stall.progressed = true;
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                let stalled = match self.stall.as_mut() {
-                    Some((_, sleep)) => sleep.as_mut().poll(cx).is_ready(),
-                    None => false,
-                };
-                if stalled {
+                let expired = self.stall.as_mut().is_some_and(|s| s.poll_expired(cx));
+                if expired {
                     Poll::Ready(Some(Err(Box::new(Aborted::UpstreamStalled))))
                 } else {
                     Poll::Pending

@@ -34,6 +34,11 @@ impl RouteKind {
         RouteKind::GraphqlPreview,
     ];
 
+    /// The position of this kind in [`RouteKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The name used in config files, metrics and logs.
     pub fn name(self) -> &'static str {
         match self {
@@ -158,7 +163,7 @@ pub struct Route {
 /// Finds the route for a request's host and path.
 #[derive(Debug, Default)]
 pub struct Router {
-    by_host: HashMap<String, Vec<Arc<Route>>>,
+    by_host: HashMap<String, Vec<Arc<Route>>, foldhash::fast::RandomState>,
     fallback: Vec<Arc<Route>>,
 }
 

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,6 +45,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `http` or `https`, for `x-forwarded-proto`.
     pub scheme: &'static str,
+    /// The peer's address as an `x-forwarded-for` value, made once.
+    pub client_ip: http::HeaderValue,
     pub sessions: ConnSessions,
     pub activity: Arc<Activity>,
 }
@@ -66,7 +68,6 @@ pub struct Activity {
     smuggled: AtomicBool,
     /// Close with a reset rather than a FIN: the connection was revoked.
     abortive: AtomicBool,
-    changed: Notify,
 }
 
 /// Marks a request in flight until dropped.
@@ -84,7 +85,6 @@ impl Activity {
             finished: AtomicU64::new(0),
             smuggled: AtomicBool::new(false),
             abortive: AtomicBool::new(false),
-            changed: Notify::new(),
         })
     }
 
@@ -100,7 +100,6 @@ impl Activity {
         if http2 {
             self.http2.store(true, Ordering::Relaxed);
         }
-        self.changed.notify_one();
         ActivityGuard(Arc::clone(self))
     }
 
@@ -118,7 +117,6 @@ impl Activity {
         {
             self.partial_since
                 .store(self.now_ms() + 1, Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
@@ -147,7 +145,6 @@ impl Drop for ActivityGuard {
             .store(activity.now_ms(), Ordering::Release);
         activity.finished.fetch_add(1, Ordering::AcqRel);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
-        activity.changed.notify_one();
     }
 }
 
@@ -244,7 +241,12 @@ impl HeadScanner {
     }
 
     /// Scans `bytes`; true when a complete head had conflicting framing.
+    /// Only header names are looked at byte by byte; the rest of each line
+    /// (values, the request line) is skipped to its end with `memchr`.
     fn scan(&mut self, bytes: &[u8]) -> bool {
+        if bytes.is_empty() {
+            return false;
+        }
         if !self.started {
             self.started = true;
             self.in_name = false;
@@ -253,43 +255,64 @@ impl HeadScanner {
                 return false;
             }
         }
-        for &byte in bytes {
-            match byte {
-                b'\n' => {
-                    if self.line_len == 0 {
-                        self.done = true;
-                        return self.content_length > 1
-                            || (self.content_length > 0 && self.transfer_encoding);
-                    }
-                    self.line_len = 0;
-                    self.name_len = 0;
-                    self.in_name = true;
-                }
-                b'\r' => {}
-                b':' if self.in_name => {
-                    let name = &self.name[..self.name_len];
-                    if name == b"content-length" {
-                        self.content_length = self.content_length.saturating_add(1);
-                    } else if name == b"transfer-encoding" {
-                        self.transfer_encoding = true;
-                    }
-                    self.in_name = false;
+        let mut at = 0;
+        while at < bytes.len() {
+            if !self.in_name && bytes[at] != b'\n' {
+                let rest = &bytes[at..];
+                let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+                if rest[..end].iter().any(|&b| b != b'\r') {
                     self.line_len += 1;
                 }
-                _ => {
-                    if self.in_name {
-                        if self.name_len < self.name.len() {
-                            self.name[self.name_len] = byte.to_ascii_lowercase();
-                            self.name_len += 1;
-                        } else {
-                            self.in_name = false;
-                        }
-                    }
-                    self.line_len += 1;
-                }
+                at += end;
+                continue;
             }
+            if let Some(conflicting) = self.step(bytes[at]) {
+                return conflicting;
+            }
+            at += 1;
         }
         false
+    }
+
+    /// One byte of a header name or a line end; `Some` once the head ends.
+    fn step(&mut self, byte: u8) -> Option<bool> {
+        match byte {
+            b'\n' => {
+                if self.line_len == 0 {
+                    self.done = true;
+                    return Some(
+                        self.content_length > 1
+                            || (self.content_length > 0 && self.transfer_encoding),
+                    );
+                }
+                self.line_len = 0;
+                self.name_len = 0;
+                self.in_name = true;
+            }
+            b'\r' => {}
+            b':' if self.in_name => {
+                let name = &self.name[..self.name_len];
+                if name == b"content-length" {
+                    self.content_length = self.content_length.saturating_add(1);
+                } else if name == b"transfer-encoding" {
+                    self.transfer_encoding = true;
+                }
+                self.in_name = false;
+                self.line_len += 1;
+            }
+            _ => {
+                if self.in_name {
+                    if self.name_len < self.name.len() {
+                        self.name[self.name_len] = byte.to_ascii_lowercase();
+                        self.name_len += 1;
+                    } else {
+                        self.in_name = false;
+                    }
+                }
+                self.line_len += 1;
+            }
+        }
+        None
     }
 }
 
@@ -412,6 +435,8 @@ pub async fn serve_connection<I>(
     let info = Arc::new(ConnInfo {
         peer,
         scheme,
+        client_ip: http::HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
         sessions: shared.sessions.connection(),
         activity: Arc::clone(&activity),
     });
@@ -432,10 +457,21 @@ pub async fn serve_connection<I>(
         shared.config.server.header_timeout,
         shared.config.server.idle_timeout,
     );
+    // The watchdog needs no wake-up from the request path. Every deadline is
+    // an event's time plus `header_timeout` or `idle_timeout`, and events
+    // happen after the watchdog last looked, so waking at the earlier of the
+    // known deadline and `now + min(header_timeout, idle_timeout)` is never
+    // late. Requests only store timestamps; the timer is re-armed when it
+    // fires, at most once per that minimum.
+    let check_every = header_timeout.min(idle_timeout);
+    let next_check = |now: Instant| match activity.deadline(header_timeout, idle_timeout) {
+        Some(deadline) => deadline.min(now + check_every),
+        None => now + check_every,
+    };
+    let watchdog = tokio::time::sleep_until(next_check(Instant::now()));
+    tokio::pin!(watchdog);
     let mut draining = false;
     loop {
-        let deadline = activity.deadline(header_timeout, idle_timeout);
-        let changed = activity.changed.notified();
         // Biased, revocation first: once a session is cancelled, hyper is
         // not polled again, so not one more byte goes out on it.
         tokio::select! {
@@ -455,21 +491,15 @@ pub async fn serve_connection<I>(
                 connection.as_mut().graceful_shutdown();
                 draining = true;
             }
-            () = sleep_until(deadline), if deadline.is_some() => {
-                if activity.deadline(header_timeout, idle_timeout).is_some_and(|d| d <= Instant::now()) {
+            () = watchdog.as_mut() => {
+                let now = Instant::now();
+                if activity.deadline(header_timeout, idle_timeout).is_some_and(|d| d <= now) {
                     tracing::debug!(%peer, "connection closed: header or idle timeout");
                     break;
                 }
+                watchdog.as_mut().reset(next_check(now));
             }
-            () = changed => {}
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -620,6 +650,30 @@ mod tests {
             "GET / HTTP/1.1\r\nx-content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n"
         ));
         assert!(!conflicting("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+    }
+
+    #[test]
+    fn every_split_of_a_head_gives_the_same_answer() {
+        let heads = [
+            ("POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", true),
+            ("POST / HTTP/1.1\r\ncontent-length: 4\r\nCONTENT-LENGTH: 4\r\n\r\n", true),
+            ("GET / HTTP/1.1\r\nx-note: content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n", false),
+            ("GET / HTTP/1.1\r\nx-a-very-long-header-name-indeed: 1\r\ncontent-length: 0\r\n\r\n", false),
+            ("GET / HTTP/1.1\nhost: a\ncontent-length: 1\ntransfer-encoding: x\n\n", true),
+        ];
+        for (head, expected) in heads {
+            for cut in 0..=head.len() {
+                let mut scanner = HeadScanner::default();
+                assert!(scanner.wants(0, true));
+                let (a, b) = head.as_bytes().split_at(cut);
+                let found = scanner.scan(a) || scanner.scan(b);
+                assert_eq!(found, expected, "{head:?} cut at {cut}");
+                assert!(
+                    scanner.done,
+                    "{head:?} cut at {cut}: the head's end was missed"
+                );
+            }
+        }
     }
 
     #[test]

@@ -48,6 +48,22 @@ struct Usage {
 }
 
 impl Usage {
+    fn of(permit: &Permit<'_>) -> Usage {
+        Usage {
+            environments: permit.environments.clone(),
+            branch: permit.branch.clone(),
+            token: Arc::clone(&permit.token),
+        }
+    }
+
+    /// [`Usage::same_reach`] against a permit, without building its usage.
+    fn same_reach_as(&self, permit: &Permit<'_>) -> bool {
+        self.branch == permit.branch
+            && self.environments == permit.environments
+            && (Arc::ptr_eq(&self.token, &permit.token)
+                || self.token.scope.environments == permit.token.scope.environments)
+    }
+
     fn same_reach(&self, other: &Usage) -> bool {
         self.environments == other.environments
             && self.branch == other.branch
@@ -90,7 +106,7 @@ struct Session {
     used: Vec<Usage>,
     /// More than [`MAX_TRACKED_USES`] distinct uses: any narrowing ends it.
     used_overflow: bool,
-    requests: HashMap<u64, InFlight>,
+    requests: FastMap<u64, InFlight>,
     tracker: Option<Arc<Tracker>>,
     /// An HTTP/2 session whose token was revoked: removed when its last
     /// stream is, and never reused.
@@ -135,9 +151,11 @@ impl Revocation {
     }
 }
 
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Every live session, by token.
 pub struct Sessions {
-    by_token: DashMap<TokenKey, HashMap<u64, Session>>,
+    by_token: DashMap<TokenKey, FastMap<u64, Session>, foldhash::fast::RandomState>,
     next_id: AtomicU64,
     metrics: Metrics,
     stack_names: Vec<Arc<str>>,
@@ -149,25 +167,55 @@ pub struct ConnSessions {
     /// Cancelling this closes the connection.
     pub cancel: CancellationToken,
     sessions: Arc<Sessions>,
-    open: Mutex<HashMap<(TokenKey, SessionKind), u64>>,
+    open: Mutex<Open>,
 }
 
-/// One request in flight; dropping it (when its response body is finished or
-/// abandoned) removes it.
+/// The sessions of one connection.
+#[derive(Default)]
+struct Open {
+    by_key: FastMap<(TokenKey, SessionKind), OpenSession>,
+}
+
+struct OpenSession {
+    id: u64,
+    /// HTTP/1.1: a copy of the uses its session records. A request that
+    /// repeats one of them, nearly every request on a keep-alive
+    /// connection, needs no more bookkeeping: revoking any recorded use
+    /// closes the connection, requests in flight with it.
+    uses: Vec<Usage>,
+    overflow: bool,
+}
+
+/// One request in flight. On HTTP/2 it is a stream with its own entry and
+/// cancellation, removed when the guard is dropped (its response body
+/// finished or abandoned). On HTTP/1.1 there is nothing per request: a
+/// revocation closes the whole connection, requests in flight with it.
 pub struct RequestGuard {
+    stream: Option<Stream>,
+}
+
+struct Stream {
     sessions: Arc<Sessions>,
     key: TokenKey,
     session: u64,
     request: u64,
-    /// Cancelled when the request must be aborted.
-    pub cancel: CancellationToken,
+    /// Cancelled when the stream must be reset.
+    cancel: CancellationToken,
+}
+
+impl RequestGuard {
+    /// Cancelled when this HTTP/2 stream must be reset; `None` on HTTP/1.1,
+    /// where the connection task closes the connection instead.
+    pub fn cancel(&self) -> Option<&CancellationToken> {
+        self.stream.as_ref().map(|stream| &stream.cancel)
+    }
 }
 
 impl Sessions {
     /// An empty map; `stack_names` label the metrics by stack index.
     pub fn new(metrics: Metrics, stack_names: Vec<Arc<str>>) -> Arc<Sessions> {
         Arc::new(Sessions {
-            by_token: DashMap::new(),
+            by_token: DashMap::default(),
             next_id: AtomicU64::new(1),
             metrics,
             stack_names,
@@ -187,7 +235,7 @@ impl Sessions {
         ConnSessions {
             cancel: CancellationToken::new(),
             sessions: Arc::clone(self),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(Open::default()),
         }
     }
 
@@ -207,17 +255,22 @@ impl Sessions {
             stack: permit.stack.index,
             uid: Arc::clone(&permit.token.uid),
         };
-        let usage = Usage {
-            environments: permit.environments.clone(),
-            branch: permit.branch.clone(),
-            token: Arc::clone(&permit.token),
-        };
-        let request = self.id();
+        let open_key = (key, permit.session);
         let mut open = conn.open.lock().unwrap_or_else(|p| p.into_inner());
+        if !http2 {
+            if let Some(local) = open.by_key.get(&open_key) {
+                if local.overflow || local.uses.iter().any(|u| u.same_reach_as(permit)) {
+                    return RequestGuard { stream: None };
+                }
+            }
+        }
+        let key = open_key.0.clone();
+        let usage = Usage::of(permit);
         let mut entry = self.by_token.entry(key.clone()).or_default();
         let existing = open
-            .get(&(key.clone(), permit.session))
-            .copied()
+            .by_key
+            .get(&open_key)
+            .map(|local| local.id)
             .filter(|id| entry.get(id).is_some_and(|s| !s.ended));
         let session_id = match existing {
             Some(id) => id,
@@ -236,46 +289,64 @@ impl Sessions {
                         closes_connection: !http2,
                         used: Vec::new(),
                         used_overflow: false,
-                        requests: HashMap::new(),
+                        requests: FastMap::default(),
                         tracker: None,
                         ended: false,
                     },
                 );
-                open.insert((key.clone(), permit.session), id);
+                let local = OpenSession {
+                    id,
+                    uses: Vec::new(),
+                    overflow: false,
+                };
+                open.by_key.insert(open_key.clone(), local);
                 id
             }
         };
-        let cancel = match entry.get_mut(&session_id) {
-            Some(session) => {
-                if session.closes_connection && !session.used.iter().any(|u| u.same_reach(&usage)) {
-                    if session.used.len() < MAX_TRACKED_USES {
-                        session.used.push(usage.clone());
-                    } else {
-                        session.used_overflow = true;
-                    }
-                }
-                let cancel = session.cancel.child_token();
-                session.requests.insert(
-                    request,
-                    InFlight {
-                        usage,
-                        cancel: cancel.clone(),
-                        tracker: None,
-                    },
-                );
-                cancel
-            }
-            // Inserted above under the same lock: cannot be missing.
-            None => conn.cancel.child_token(),
+        // Inserted above under the same lock if it was not there.
+        let Some(session) = entry.get_mut(&session_id) else {
+            return RequestGuard { stream: None };
         };
+        if session.closes_connection {
+            if !session.used.iter().any(|u| u.same_reach(&usage)) {
+                if session.used.len() < MAX_TRACKED_USES {
+                    session.used.push(usage.clone());
+                } else {
+                    session.used_overflow = true;
+                }
+            }
+            let overflow = session.used_overflow;
+            drop(entry);
+            if let Some(local) = open.by_key.get_mut(&open_key) {
+                if overflow {
+                    local.overflow = true;
+                    local.uses = Vec::new();
+                } else if !local.uses.iter().any(|u| u.same_reach(&usage)) {
+                    local.uses.push(usage);
+                }
+            }
+            return RequestGuard { stream: None };
+        }
+        let request = self.id();
+        let cancel = session.cancel.child_token();
+        session.requests.insert(
+            request,
+            InFlight {
+                usage,
+                cancel: cancel.clone(),
+                tracker: None,
+            },
+        );
         drop(entry);
         drop(open);
         RequestGuard {
-            sessions: Arc::clone(&conn.sessions),
-            key,
-            session: session_id,
-            request,
-            cancel,
+            stream: Some(Stream {
+                sessions: Arc::clone(&conn.sessions),
+                key,
+                session: session_id,
+                request,
+                cancel,
+            }),
         }
     }
 
@@ -485,13 +556,13 @@ impl Ending {
 impl Drop for ConnSessions {
     fn drop(&mut self) {
         let open = std::mem::take(self.open.get_mut().unwrap_or_else(|p| p.into_inner()));
-        for ((key, _kind), id) in open {
-            self.sessions.close_session(&key, id);
+        for ((key, _kind), local) in open.by_key {
+            self.sessions.close_session(&key, local.id);
         }
     }
 }
 
-impl Drop for RequestGuard {
+impl Drop for Stream {
     fn drop(&mut self) {
         self.sessions
             .end_request(&self.key, self.session, self.request);

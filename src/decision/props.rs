@@ -913,3 +913,15 @@ fn check_http_never_panics_and_measures() {
         })
         .unwrap();
 }
+
+proptest! {
+    /// The query fast path decodes exactly as `form_urlencoded` does, so a
+    /// credential hidden behind percent-encoding (`access%5Ftoken`) is still
+    /// found by row 3.
+    #[test]
+    fn query_pairs_decode_like_form_urlencoded(query in "([a-z_=&+.]|%[0-9A-Fa-f]{0,2}|[\\PC]){0,40}") {
+        let ours: Vec<_> = query_pairs(&query).collect();
+        let theirs: Vec<_> = form_urlencoded::parse(query.as_bytes()).collect();
+        prop_assert_eq!(ours, theirs);
+    }
+}

@@ -28,7 +28,7 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 pub struct Stacks {
     list: Vec<Arc<StackRegistry>>,
-    by_api_key: HashMap<Box<str>, usize>,
+    by_api_key: HashMap<Box<str>, usize, foldhash::fast::RandomState>,
 }
 
 impl Stacks {

@@ -101,6 +101,10 @@ fn removed(uid: &str) -> Diff {
     }
 }
 
+fn is_cancelled(guard: &RequestGuard) -> bool {
+    guard.cancel().expect("an HTTP/2 stream").is_cancelled()
+}
+
 async fn closed_within(revocation: Revocation) {
     tokio::time::timeout(Duration::from_secs(5), revocation.closed())
         .await
@@ -159,8 +163,8 @@ async fn http2_revocation_resets_only_that_tokens_streams() {
         .sessions
         .revoke(0, &change(removed("a"), vec![Token::clone(&b)]), false);
     assert_eq!(revocation.cancelled, 1);
-    assert!(stream_a.cancel.is_cancelled());
-    assert!(!stream_b.cancel.is_cancelled());
+    assert!(is_cancelled(&stream_a));
+    assert!(!is_cancelled(&stream_b));
     assert!(!conn.cancel.is_cancelled(), "the connection stays up for b");
     drop(stream_a);
     closed_within(revocation).await;
@@ -238,8 +242,8 @@ async fn narrowing_ends_only_uses_outside_the_new_scope() {
     };
     let revocation = f.sessions.revoke(0, &change(diff, vec![narrow]), false);
     assert_eq!(revocation.cancelled, 2);
-    assert!(on_dev.cancel.is_cancelled());
-    assert!(!on_main.cancel.is_cancelled());
+    assert!(is_cancelled(&on_dev));
+    assert!(!is_cancelled(&on_main));
     assert!(h1_dev.cancel.is_cancelled());
     assert!(!h1_main.cancel.is_cancelled());
     assert!(!h2.cancel.is_cancelled());
@@ -290,6 +294,52 @@ async fn a_session_cycling_through_many_branches_is_bounded_and_still_ended_by_n
         &change(diff, vec![Token::clone(&token("a", &names))]),
         false,
     );
+    assert_eq!(revocation.cancelled, 1);
+    assert!(conn.cancel.is_cancelled());
+}
+
+#[tokio::test]
+async fn repeated_http1_uses_are_recorded_once_and_still_revoked() {
+    let f = fixture();
+    let wide = token("a", &["main", "dev"]);
+    let other = token("b", &["main"]);
+    let conn = f.sessions.connection();
+    // A keep-alive connection alternating between two tokens, many times.
+    for _ in 0..100 {
+        for t in [&wide, &other] {
+            let guard =
+                f.sessions
+                    .begin(&conn, &permit(&f, t, SessionKind::Delivery, "main"), false);
+            assert!(
+                guard.cancel().is_none(),
+                "HTTP/1.1 has no per-request token"
+            );
+        }
+    }
+    for uid in ["a", "b"] {
+        let key = TokenKey {
+            stack: 0,
+            uid: Arc::from(uid),
+        };
+        let entry = f.sessions.by_token.get(&key).unwrap();
+        assert_eq!(entry.len(), 1, "one session per token and connection");
+        let session = entry.values().next().unwrap();
+        assert_eq!(session.used.len(), 1, "the use is recorded once");
+        assert!(session.requests.is_empty(), "nothing kept per request");
+    }
+    // A new use on the same connection is still recorded...
+    drop(f.sessions.begin(
+        &conn,
+        &permit(&f, &wide, SessionKind::Delivery, "dev"),
+        false,
+    ));
+    // ...so narrowing `a` to main ends the connection.
+    let diff = Diff {
+        narrowed: vec!["a".into()],
+        ..Diff::default()
+    };
+    let narrow = Token::clone(&token("a", &["main"]));
+    let revocation = f.sessions.revoke(0, &change(diff, vec![narrow]), false);
     assert_eq!(revocation.cancelled, 1);
     assert!(conn.cancel.is_cancelled());
 }

@@ -335,6 +335,7 @@ pub fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("stackgate=trace,hyper=debug,h2=debug,info")
             .with_ansi(false)
+            .event_format(stackgate::logging::TextFormat)
             .with_writer(move || writer.clone())
             .try_init();
         buffer
