@@ -9,6 +9,9 @@
 # - origin: nginx answering every request `200 {"entries":[]}` (application/json);
 # - nginx: a plain reverse proxy to the origin (proxy_pass, HTTP/1.1 upstream
 #   keep-alive), on an HTTP/1.1 port, an h2c (prior knowledge) port and a TLS port;
+# - hyper: examples/bare_proxy.rs, a hyper server forwarding every request
+#   through the same pooled hyper client stackgate uses, with no checks, logs
+#   or metrics: the floor of a hyper-based proxy on this machine (h1, h2c);
 # - stackgate (release build) with a tokens_file of TOKENS (100,000) generated
 #   tokens, one delivery route to the origin, plain (HTTP/1.1 + h2c) and TLS
 #   listeners. Every request carries api_key and a valid access_token (wrk
@@ -67,6 +70,7 @@ P_SG_TLS=$((BASE_PORT + 5))
 P_SG_ADMIN=$((BASE_PORT + 6))
 P_SG_SMALL=$((BASE_PORT + 7))
 P_SG_SMALL_ADMIN=$((BASE_PORT + 8))
+P_HYPER=$((BASE_PORT + 9))
 
 API_KEY=blt0123456789abcdef
 REQ_PATH="/v3/content_types/blog_post/entries?environment=production&locale=en-us"
@@ -101,7 +105,7 @@ fi
 for tool in nginx wrk h2load python3 openssl curl taskset cargo; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
 done
-for port in $(seq "$P_ORIGIN" "$P_SG_SMALL_ADMIN"); do
+for port in $(seq "$P_ORIGIN" "$P_HYPER"); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         echo "port $port is in use; set BASE_PORT" >&2
         exit 1
@@ -109,8 +113,9 @@ for port in $(seq "$P_ORIGIN" "$P_SG_SMALL_ADMIN"); do
 done
 
 log "building (cargo build --release --locked)"
-(cd "$ROOT" && cargo build --release --locked --quiet)
+(cd "$ROOT" && cargo build --release --locked --quiet --bin stackgate --example bare_proxy)
 BIN="$ROOT/target/release/stackgate"
+BARE="$ROOT/target/release/examples/bare_proxy"
 
 # --- files ------------------------------------------------------------------
 log "generating $TOKENS tokens, certificate and configs in $OUT"
@@ -332,6 +337,10 @@ wait_for "http://127.0.0.1:$P_ORIGIN/" origin
 start_nginx nginx "$PROXY_CPU"
 PROXY_WORKER=$NGINX_WORKER
 wait_for "http://127.0.0.1:$P_NGINX/" nginx
+taskset -c "$PROXY_CPU" "$BARE" "127.0.0.1:$P_HYPER" "http://127.0.0.1:$P_ORIGIN" &
+HYPER_PID=$!
+PIDS+=("$HYPER_PID")
+wait_for "http://127.0.0.1:$P_HYPER/" "the bare hyper proxy"
 
 # Resident memory of a loaded registry: TOKENS tokens against 1,000, each
 # read when ready and again after 3 s of load (mimalloc hands the memory
@@ -363,6 +372,7 @@ check() { # url
 check "http://127.0.0.1:$P_SG$REQ_PATH"
 check "https://127.0.0.1:$P_SG_TLS$REQ_PATH"
 check "http://127.0.0.1:$P_NGINX$REQ_PATH"
+check "http://127.0.0.1:$P_HYPER$REQ_PATH"
 check "https://127.0.0.1:$P_NGINX_TLS$REQ_PATH"
 denied=$(curl -s -o /dev/null -w '%{http_code}' -H "api_key: $API_KEY" -H "access_token: nope" "http://127.0.0.1:$P_SG$REQ_PATH")
 [[ $denied == 401 ]] || { echo "an unknown token got $denied, not 401" >&2; exit 1; }
@@ -376,6 +386,7 @@ url_of() { # mode, target
         h1*:direct) echo "http://127.0.0.1:$P_ORIGIN$REQ_PATH" ;;
         h1*:nginx) echo "http://127.0.0.1:$P_NGINX$REQ_PATH" ;;
         h1*:stackgate) echo "http://127.0.0.1:$P_SG$REQ_PATH" ;;
+        h1*:hyper | h2c:hyper) echo "http://127.0.0.1:$P_HYPER$REQ_PATH" ;;
         h2c:nginx) echo "http://127.0.0.1:$P_NGINX_H2$REQ_PATH" ;;
         h2c:stackgate) echo "http://127.0.0.1:$P_SG$REQ_PATH" ;;
         tls:nginx) echo "https://127.0.0.1:$P_NGINX_TLS$REQ_PATH" ;;
@@ -387,13 +398,15 @@ pid_of() { # target: the process whose CPU time is charged to it
     case "$1" in
         direct) echo "$ORIGIN_WORKER" ;;
         nginx) echo "$PROXY_WORKER" ;;
+        hyper) echo "$HYPER_PID" ;;
         stackgate) echo "$SG_PID" ;;
     esac
 }
 
 targets_of() {
     case "$1" in
-        h1 | h1-c1) echo "direct nginx stackgate" ;;
+        h1 | h1-c1) echo "direct nginx hyper stackgate" ;;
+        h2c) echo "nginx hyper stackgate" ;;
         *) echo "nginx stackgate" ;;
     esac
 }
@@ -444,7 +457,7 @@ PY
 }
 
 log "warming up"
-for target in direct nginx stackgate; do run_wrk h1 "$target" 0 2 >/dev/null; done
+for target in direct nginx hyper stackgate; do run_wrk h1 "$target" 0 2 >/dev/null; done
 
 PERF_PID=""
 for mode in $MODES; do
@@ -491,8 +504,8 @@ for (mode, target), rs in by.items():
           f"| {med('user_us', rs):.1f} + {med('sys_us', rs):.1f} us "
           f"| {sum(int(r['errors']) for r in rs)} |")
 print()
-print("| mode | stackgate/nginx requests/s | stackgate/nginx p99 | added p99 over direct: stackgate / nginx | stackgate/nginx CPU per request |")
-print("| --- | --- | --- | --- | --- |")
+print("| mode | stackgate/nginx requests/s | stackgate/nginx p99 | added p99 over direct: stackgate / nginx | stackgate/nginx CPU per request | stackgate/hyper requests/s |")
+print("| --- | --- | --- | --- | --- | --- |")
 modes = []
 for mode, _ in by:
     if mode not in modes:
@@ -507,8 +520,10 @@ for mode in modes:
         a_ng = med("p99_us", ng) - med("p99_us", direct)
         added = f"{a_sg / 1000:.3f} / {a_ng / 1000:.3f} ms = {a_sg / a_ng:.2f}x" if a_ng > 0 else "n/a"
     cpu = lambda rs: med("user_us", rs) + med("sys_us", rs)
+    hy = by.get((mode, "hyper"))
+    vs_hyper = f"{med('rps', sg) / med('rps', hy):.2f}" if hy and med('rps', hy) > 0 else "n/a"
     print(f"| {mode} | {med('rps', sg) / med('rps', ng):.2f} | "
-          f"{med('p99_us', sg) / med('p99_us', ng):.2f} | {added} | {cpu(sg) / cpu(ng):.2f} |")
+          f"{med('p99_us', sg) / med('p99_us', ng):.2f} | {added} | {cpu(sg) / cpu(ng):.2f} | {vs_hyper} |")
 print()
 per_token = (rss_loaded - rss_small) * 1024 / (tokens - min(tokens, 1000))
 ready_per_token = (rss_ready - rss_small) * 1024 / (tokens - min(tokens, 1000))

@@ -46,6 +46,9 @@ fn main() -> anyhow::Result<()> {
                     async move {
                         let (mut parts, body) = request.into_parts();
                         let body = body.collect().await?.to_bytes();
+                        // An h2c request goes upstream over HTTP/1.1, as stackgate sends it.
+                        parts.version = http::Version::HTTP_11;
+                        parts.headers.remove(http::header::HOST);
                         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                         parts.uri = format!("{upstream}{}", path.trim_start_matches('/'))
                             .parse()
