@@ -148,14 +148,14 @@ fn token(i: usize) -> Token {
     Token {
         uid: Arc::from(format!("blt{i:016x}")),
         name: format!("Delivery token {i}"),
-        scope: Scope {
+        scope: Arc::new(Scope {
             environments: vec![Environment {
                 name: "production".into(),
                 uid: "blt5f1c2a9e3d7b4c60".into(),
             }],
             branches: Some(vec!["main".into()]),
             aliases: None,
-        },
+        }),
         delivery: Digest::of(value(i).as_bytes()),
         preview: Some(Digest::of(format!("pv{i:030x}").as_bytes())),
     }

@@ -504,7 +504,7 @@ mod tests {
     use governor::clock::FakeRelativeClock;
 
     use super::*;
-    use crate::registry::{Digest, Scope};
+    use crate::registry::Digest;
 
     fn rate(rate: u32, burst: u32) -> Option<RateLimit> {
         Some(RateLimit { rate, burst })
@@ -514,7 +514,7 @@ mod tests {
         Token {
             uid: Arc::from(uid),
             name: name.to_owned(),
-            scope: Scope::default(),
+            scope: Default::default(),
             delivery: Digest::of(uid.as_bytes()),
             preview: None,
         }

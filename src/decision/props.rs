@@ -223,7 +223,7 @@ fn to_token(t: &ModelToken) -> Token {
     Token {
         uid: Arc::from(t.uid),
         name: t.uid.to_owned(),
-        scope: Scope {
+        scope: Arc::new(Scope {
             environments: t
                 .environments
                 .iter()
@@ -234,7 +234,7 @@ fn to_token(t: &ModelToken) -> Token {
                 .collect(),
             branches: list(t.branches),
             aliases: list(t.aliases),
-        },
+        }),
         delivery: Digest::of(t.value.as_bytes()),
         preview: t.preview.map(|p| Digest::of(p.as_bytes())),
     }

@@ -38,14 +38,14 @@ fn token(
     Token {
         uid: Arc::from(uid),
         name: uid.to_owned(),
-        scope: Scope {
+        scope: Arc::new(Scope {
             environments: vec![Environment {
                 name: env.0.into(),
                 uid: env.1.into(),
             }],
             branches: branches.map(list),
             aliases: aliases.map(list),
-        },
+        }),
         delivery: Digest::of(value.as_bytes()),
         preview: preview.map(|p| Digest::of(p.as_bytes())),
     }

@@ -99,11 +99,11 @@ mod tests {
         Token {
             uid: Arc::from(uid),
             name: uid.to_owned(),
-            scope: Scope {
+            scope: Arc::new(Scope {
                 environments: vec![],
                 branches: branches.map(|b| b.iter().map(|s| s.to_string()).collect()),
                 aliases: None,
-            },
+            }),
             delivery: Digest::of(value.as_bytes()),
             preview: preview.map(|p| Digest::of(p.as_bytes())),
         }

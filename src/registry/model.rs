@@ -5,7 +5,7 @@
 //! built whole and never mutated; a change produces a new one (see
 //! [`Registry::next`]) together with the [`Diff`] that revocation acts on.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
@@ -106,14 +106,14 @@ pub enum TokenKind {
 }
 
 /// A Contentstack environment, matched by name or uid.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Environment {
     pub name: String,
     pub uid: String,
 }
 
 /// What a delivery token may read (SPEC §3 rows 13 and 14).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Scope {
     /// The token's environment (one in practice; the CMA shape allows a list).
     pub environments: Vec<Environment>,
@@ -182,7 +182,9 @@ impl Scope {
 pub struct Token {
     pub uid: Arc<str>,
     pub name: String,
-    pub scope: Scope,
+    /// Shared by every token of a registry with the same scope (see
+    /// [`Registry::from_parts`]).
+    pub scope: Arc<Scope>,
     /// Digest of the delivery token value.
     pub delivery: Digest,
     /// Digest of the preview token value, if the token has one.
@@ -230,7 +232,17 @@ impl Registry {
         let mut by_uid = HashMap::with_capacity(tokens.len());
         let mut live = DigestMap::default();
         live.reserve(tokens.len() * 2);
-        for token in tokens {
+        // Tokens of a stack share a handful of scopes (an environment and
+        // its branches). Sharing one copy of each keeps the scope checks of
+        // any token in cache, and saves memory per token.
+        let mut scopes: HashSet<Arc<Scope>> = HashSet::new();
+        for mut token in tokens {
+            match scopes.get(&token.scope) {
+                Some(shared) => token.scope = Arc::clone(shared),
+                None => {
+                    scopes.insert(Arc::clone(&token.scope));
+                }
+            }
             let token = Arc::new(token);
             live.insert(token.delivery, (Arc::clone(&token), TokenKind::Delivery));
             if let Some(preview) = token.preview {
@@ -380,14 +392,14 @@ mod tests {
         Token {
             uid: Arc::from(uid),
             name: format!("{uid} name"),
-            scope: Scope {
+            scope: Arc::new(Scope {
                 environments: vec![Environment {
                     name: "production".into(),
                     uid: "blt_env_prod".into(),
                 }],
                 branches: None,
                 aliases: None,
-            },
+            }),
             delivery: Digest::of(value.as_bytes()),
             preview: preview.map(|p| Digest::of(p.as_bytes())),
         }
@@ -442,6 +454,21 @@ mod tests {
             uid: "e2".into(),
         });
         assert!(!moved.covers(&old_env));
+    }
+
+    #[test]
+    fn tokens_with_the_same_scope_share_it() {
+        let mut other = token("c", "v3", None);
+        other.scope = Arc::new(Scope {
+            branches: Some(vec!["dev".into()]),
+            ..Scope::clone(&other.scope)
+        });
+        let tokens = vec![token("a", "v1", None), token("b", "v2", None), other];
+        let registry = Registry::from_parts(1, tokens, DigestMap::default(), BTreeSet::new());
+        let scope = |uid: &str| Arc::clone(&registry.get(uid).unwrap().scope);
+        assert!(Arc::ptr_eq(&scope("a"), &scope("b")));
+        assert!(!Arc::ptr_eq(&scope("a"), &scope("c")));
+        assert_eq!(scope("c").branches, Some(vec!["dev".to_owned()]));
     }
 
     #[test]

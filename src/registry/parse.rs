@@ -139,7 +139,7 @@ fn convert(raw: CmaToken) -> Token {
     Token {
         uid: Arc::from(raw.uid),
         name: raw.name,
-        scope,
+        scope: Arc::new(scope),
         delivery: Digest::of(raw.token.as_bytes()),
         preview: raw
             .preview_token

@@ -86,7 +86,7 @@ pub fn write(
         .map(|t| FileToken {
             uid: t.uid.to_string(),
             name: t.name.clone(),
-            scope: t.scope.clone(),
+            scope: Scope::clone(&t.scope),
             delivery_sha256: t.delivery.to_hex(),
             preview_sha256: t.preview.map(|d| d.to_hex()),
         })
@@ -175,7 +175,7 @@ pub fn read(path: &Path, stack: &str) -> Result<Option<Loaded>, SnapshotError> {
             Ok(Token {
                 uid: Arc::from(t.uid),
                 name: t.name,
-                scope: t.scope,
+                scope: Arc::new(t.scope),
                 delivery: digest(&t.delivery_sha256)?,
                 preview: t.preview_sha256.as_deref().map(digest).transpose()?,
             })
@@ -213,14 +213,14 @@ mod tests {
         Token {
             uid: Arc::from(uid),
             name: "n".into(),
-            scope: Scope {
+            scope: Arc::new(Scope {
                 environments: vec![Environment {
                     name: "production".into(),
                     uid: "e1".into(),
                 }],
                 branches: Some(vec!["main".into()]),
                 aliases: None,
-            },
+            }),
             delivery: Digest::of(value.as_bytes()),
             preview: preview.map(|p| Digest::of(p.as_bytes())),
         }

@@ -56,14 +56,14 @@ fn token(uid: &str, branches: &[&str]) -> Arc<Token> {
     Arc::new(Token {
         uid: Arc::from(uid),
         name: uid.into(),
-        scope: Scope {
+        scope: Arc::new(Scope {
             environments: vec![Environment {
                 name: "production".into(),
                 uid: "e1".into(),
             }],
             branches: Some(branches.iter().map(|b| b.to_string()).collect()),
             aliases: None,
-        },
+        }),
         delivery: crate::registry::Digest::of(uid.as_bytes()),
         preview: None,
     })
