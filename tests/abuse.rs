@@ -534,6 +534,118 @@ async fn http2_stream_flood_is_bounded_by_max_concurrent_streams() {
     assert_serves(addr, "after the stream flood").await;
 }
 
+/// One allowed request on `sender`, answered 200 within [`PROMPT`]; returns 1.
+async fn h2_served(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    what: &str,
+) -> usize {
+    let reply = timeout(PROMPT, sender.send_request(allowed_h2("/v3/bystander")))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the bystander waited over {PROMPT:?}"))
+        .unwrap_or_else(|err| panic!("{what}: the bystander's request failed: {err}"));
+    assert_eq!(read(reply).await.status, 200, "{what}");
+    1
+}
+
+/// SETTINGS frames in the flood: 8,000,000 empty ones, 72 MB, more than
+/// loopback socket buffers can hold (`tcp_wmem` and `tcp_rmem` allow at most
+/// 4 and 32 MiB on the test machine), so that a gateway that reads on
+/// regardless is caught taking all of it.
+const SETTINGS_FLOOD: usize = 8_000_000;
+/// A flood that makes no progress for this long has been stopped.
+const STALLED: Duration = Duration::from_secs(1);
+
+// Two workers, as in the binary: the flooding connection, which the test
+// binary logs frame by frame, has one to itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_settings_flood_is_bounded() {
+    // An empty SETTINGS frame costs its sender 9 bytes and obliges the peer
+    // to answer with a 9-byte ACK (CVE-2019-9515). The h2 crate handles one
+    // SETTINGS frame at a time and reads the next frame only once the last
+    // one's ACK is in its 16 KiB write buffer, so a client that reads no ACK
+    // makes the gateway stop reading once the socket buffers are full: the
+    // flood costs socket buffers, not memory.
+    let _serial = SERIAL.lock().await;
+    let w = world_with("").await;
+    let addr = w.gateway.http;
+    assert_serves(addr, "before the flood").await;
+    let rss_before = rss_bytes();
+    let logs_before = capture_logs().lock().unwrap().len();
+
+    // A small receive buffer, so that unread ACKs fill it soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let attacker = socket.connect(addr).await.unwrap();
+    let (answers, mut write) = attacker.into_split();
+    let (progress, mut taken) = tokio::sync::watch::channel(0usize);
+    let flood = tokio::spawn(async move {
+        const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+        write.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        let chunk = EMPTY_SETTINGS.repeat(1000);
+        for _ in 0..SETTINGS_FLOOD / 1000 {
+            write.write_all(&chunk).await?;
+            progress.send_modify(|n| *n += chunk.len());
+        }
+        Ok::<_, std::io::Error>(())
+    });
+
+    // A client on another connection is served every 256 KiB of the flood,
+    // and once more when it has stopped.
+    let mut bystander = h2c(addr).await;
+    let mut served = 0;
+    // The flood goes on until the gateway stops taking it (or closes the
+    // connection, or takes it all).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut next_serve = 0;
+    let stopped = loop {
+        match timeout(STALLED, taken.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break "the writer ended",
+            Err(_) => break "no progress",
+        }
+        let now = *taken.borrow();
+        if now >= next_serve {
+            served += h2_served(&mut bystander, "during a SETTINGS flood").await;
+            next_serve = now + (256 << 10);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway was still taking the flood after 30 s"
+        );
+    };
+    served += h2_served(&mut bystander, "with a SETTINGS flood stopped").await;
+    let taken = *taken.borrow();
+    let ended = flood.is_finished();
+    flood.abort();
+    if ended {
+        // Taking it all is what must not happen; being cut off is fine.
+        let outcome = flood.await.unwrap();
+        assert!(
+            outcome.is_err(),
+            "the gateway read all {SETTINGS_FLOOD} SETTINGS frames while their ACKs went unread"
+        );
+    }
+    drop(answers);
+    let logged = capture_logs().lock().unwrap().len() - logs_before;
+    let grown = rss_bytes().saturating_sub(rss_before);
+    eprintln!(
+        "settings flood: {stopped} after {taken} of {} bytes, bystander served {served} times, \
+         RSS +{} MiB of which logs {} MiB",
+        SETTINGS_FLOOD * 9,
+        grown >> 20,
+        logged >> 20,
+    );
+    assert!(taken < SETTINGS_FLOOD * 9);
+    // The test binary logs h2 at debug level into memory: not the gateway's.
+    let gateway_grown = grown.saturating_sub(logged as u64);
+    assert!(
+        gateway_grown < 16 << 20,
+        "RSS grew by {} MiB (besides logs) during a SETTINGS flood",
+        gateway_grown >> 20
+    );
+    assert_serves(addr, "after the SETTINGS flood").await;
+}
+
 #[tokio::test]
 async fn a_huge_h2_header_list_is_refused_and_not_forwarded() {
     let _serial = SERIAL.lock().await;
