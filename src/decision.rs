@@ -151,6 +151,8 @@ pub struct Permit<'a> {
     pub environments: Vec<String>,
     /// The branch or alias it reads (`main` when none was given).
     pub branch: String,
+    /// The version of the registry that decided it (see [`recheck`]).
+    pub version: u64,
 }
 
 /// A refused request, with what is known about it for logs and metrics.
@@ -378,7 +380,33 @@ pub fn decide<'a>(
         session,
         environments,
         branch,
+        version: registry.version(),
     })
+}
+
+/// Whether a permit still holds once its session is registered.
+///
+/// A revocation installs the new registry, then ends the sessions it finds.
+/// A request decided on the old registry whose session registers after that
+/// scan is not found by it. So, its session registered, a request checks
+/// whether the registry moved since its decision, and if so is decided again
+/// on the new one: either the scan saw the session or this sees the new
+/// registry. The usual case costs one version read.
+pub fn recheck<'a>(
+    router: &'a Router,
+    stacks: &'a Stacks,
+    parts: &'a Parts,
+    permit: &Permit<'_>,
+    now: Instant,
+) -> Option<Refusal<'a>> {
+    let current = permit.stack.load().as_ref().map(|v| v.registry.version());
+    if current == Some(permit.version) {
+        return None;
+    }
+    match decide(router, stacks, parts, now) {
+        Decision::Refuse(refusal) => Some(refusal),
+        Decision::Forward(_) | Decision::Preflight(_) => None,
+    }
 }
 
 fn refuse<'a>(

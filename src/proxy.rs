@@ -24,7 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::decision::{
-    check_http, decide, BadRequest, Decision, Permit, Refusal, Reject, SessionKind, PREVIEW_TOKEN,
+    check_http, decide, recheck, BadRequest, Decision, Permit, Refusal, Reject, SessionKind,
+    PREVIEW_TOKEN,
 };
 use crate::metrics::{NO_STACK, NO_TOKEN};
 use crate::response::{self, Body, BoxError};
@@ -331,6 +332,10 @@ async fn forward(
     let guard = shared
         .sessions
         .begin(&conn.sessions, &permit, parts.version == Version::HTTP_2);
+    if let Some(refusal) = recheck(&shared.router, &shared.stacks, parts, &permit, started) {
+        drop(guard);
+        return refused(refusal, activity);
+    }
     let Some(upstream_request) = upstream_request(parts, &permit, conn, body) else {
         let reject = Reject::BadRequest(BadRequest::Malformed);
         return refused(permit_refusal(&permit, reject), activity);

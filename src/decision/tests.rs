@@ -394,3 +394,35 @@ fn row_16_http_checks() {
         Err(BadRequest::Malformed)
     );
 }
+
+/// A revocation installed between a request's decision and its session's
+/// registration (which the revocation's scan then misses) is caught by
+/// [`recheck`], which decides the request again on the newer registry.
+#[tokio::test]
+async fn a_permit_is_decided_again_when_the_registry_moved() {
+    let world = world();
+    let (parts, ()) = Request::get("/v3/entries?environment=production")
+        .header("host", "cdn.test")
+        .header(SITE.0, SITE.1)
+        .header(PROD.0, PROD.1)
+        .body(())
+        .unwrap()
+        .into_parts();
+    let now = Instant::now();
+    let recheck = |permit: &Permit<'_>| {
+        recheck(&world.router, &world.stacks, &parts, permit, now)
+            .map(|refusal| refusal.reject.reason())
+    };
+    let Decision::Forward(permit) = decide(&world.router, &world.stacks, &parts, now) else {
+        panic!("blt_prod may read production");
+    };
+    assert_eq!(recheck(&permit), None, "nothing moved");
+
+    let stack = world.stacks.by_api_key("blt_site").unwrap();
+    stack.set_admin_revocation("blt_prod", true).await.unwrap();
+    assert_eq!(recheck(&permit), Some("token_revoked"));
+
+    // Lifted again: the newest registry allows it, so the permit holds.
+    stack.set_admin_revocation("blt_prod", false).await.unwrap();
+    assert_eq!(recheck(&permit), None);
+}

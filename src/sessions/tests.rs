@@ -78,6 +78,7 @@ fn permit<'a>(f: &'a Fixture, token: &Arc<Token>, kind: SessionKind, branch: &st
         session: kind,
         environments: vec![],
         branch: branch.into(),
+        version: 1,
     }
 }
 
