@@ -12,8 +12,18 @@
 //! only unknown tokens, the rest HTTP/1.1 keep-alive clients each holding one
 //! token's sessions), `--source cma|file` (the registry source: the fake CMA
 //! of `tests/support/cma.rs`, or a tokens file; default `cma`),
-//! `--change-every MS` (100), `--tokens N` (40 listed at start), `--warmup
-//! SECS` (20, at most a quarter of the run), `--seed N`.
+//! `--rate N` (5000 requests/s across all clients, steady so that memory
+//! after warm-up and at the end is compared at one load level on a shared
+//! machine; 0: as fast as the clients go), `--change-every MS` (100),
+//! `--tokens N` (40 listed at start), `--universe N` (120: at most that many
+//! distinct tokens are ever listed, then additions re-list removed ones; 0:
+//! a fresh token every time), `--warmup SECS` (20, at most a quarter of the
+//! run), `--seed N`.
+//!
+//! Why a universe: the gateway remembers every removed token's digests for
+//! 7 days (README), so with fresh tokens its memory grows with the number of
+//! tokens ever removed, by design. A bounded universe keeps that memory
+//! bounded, so that any growth the RSS check sees is a leak.
 //!
 //! A change is one of: add a token, remove one, narrow one (drop a branch or
 //! alias, `$all` down to `main`, or move it to another environment), revoke
@@ -21,7 +31,9 @@
 //! removed one. Syncs are `POST /admin/sync` (the CMA source is set to poll
 //! hourly), so each change is live exactly when its admin call returns; see
 //! `soak/model.rs` for how an answer is judged against the versions that
-//! were possible while it was in flight.
+//! were possible while it was in flight. With the fake CMA, a sync waits for
+//! a slot of the gateway's CMA budget (5 GET/s), so changes come about 6.7
+//! a second; with `--source file` every tick is a change.
 //!
 //! It fails (exit status 1) on any wrongly allowed or wrongly rejected
 //! answer, other mismatch, 5xx, unexplained transport error or timeout, lost
@@ -72,6 +84,10 @@ struct Args {
     tokens: u32,
     warmup: Duration,
     seed: u64,
+    /// Requests per second across all clients; 0: as fast as they go.
+    rate: u64,
+    /// Distinct tokens ever listed; 0: no limit.
+    universe: u32,
 }
 
 fn args() -> Args {
@@ -83,6 +99,8 @@ fn args() -> Args {
         tokens: 40,
         warmup: Duration::from_secs(20),
         seed: 8,
+        rate: 5000,
+        universe: 120,
     };
     let list: Vec<String> = std::env::args().collect();
     for pair in list.windows(2) {
@@ -95,6 +113,8 @@ fn args() -> Args {
             "--tokens" => args.tokens = number().max(4) as u32,
             "--warmup" => args.warmup = Duration::from_secs(number()),
             "--seed" => args.seed = number(),
+            "--rate" => args.rate = number(),
+            "--universe" => args.universe = number() as u32,
             _ => {}
         }
     }
@@ -104,6 +124,14 @@ fn args() -> Args {
     );
     args.warmup = args.warmup.min(args.duration / 4);
     args
+}
+
+fn rate(rate: u64) -> String {
+    if rate == 0 {
+        "unpaced".into()
+    } else {
+        format!("paced at {rate} requests/s")
+    }
 }
 
 fn config(origin: &str, registry: &str) -> String {
@@ -196,15 +224,22 @@ async fn soak(args: Args) -> bool {
     let baseline = sample();
 
     let history = Arc::new(History::new(initial));
-    let ctx = Arc::new(Ctx::new(gateway.http, Arc::clone(&history), args.seed));
+    let ctx = Arc::new(Ctx::new(
+        gateway.http,
+        Arc::clone(&history),
+        args.seed,
+        args.rate > 0,
+    ));
+    let pacer = tokio::spawn(load::pace(Arc::clone(&ctx), args.rate));
     let h2 = (args.concurrency / 8).max(1);
     let strangers = (args.concurrency / 16).max(1);
     let h1 = args.concurrency - h2 - strangers;
     println!(
         "soak: {} s, {h1} HTTP/1.1 + {strangers} stranger + {h2} h2c connections ({} streams in flight), \
-         source {}, a change every {} ms, {} tokens at start; gateway pid {}",
+         {}, source {}, a change every {} ms, {} tokens at start; gateway pid {}",
         args.duration.as_secs(),
         h1 + strangers + h2 * 8,
+        rate(args.rate),
         args.source,
         args.change_every.as_millis(),
         args.tokens,
@@ -225,6 +260,7 @@ async fn soak(args: Args) -> bool {
         admin,
         source,
         gateway_version,
+        args.universe,
         args.seed,
     );
     let change_stats = Arc::clone(&driver.stats);
@@ -262,6 +298,7 @@ async fn soak(args: Args) -> bool {
     let elapsed = started.elapsed();
     ctx.stop.cancel();
     let _ = driver.await;
+    let _ = pacer.await;
     while clients.join_next().await.is_some() {}
 
     // Every client connection is closed: the gateway must let go of them.
@@ -310,10 +347,11 @@ fn report(
     row(
         "run",
         format!(
-            "{:.0} s, source {}, concurrency {}",
+            "{:.0} s, source {}, concurrency {}, {}",
             elapsed.as_secs_f64(),
             args.source,
-            args.concurrency
+            args.concurrency,
+            rate(args.rate)
         ),
     );
     row(
@@ -380,6 +418,18 @@ fn report(
             changes.total(),
             changes.total() as f64 / elapsed.as_secs_f64(),
             kinds.join(", ")
+        ),
+    );
+    let universe = match args.universe {
+        0 => "no limit".to_owned(),
+        n => format!("at most {n}"),
+    };
+    row(
+        "distinct tokens listed",
+        format!(
+            "{} ({universe}; {} listed at the end)",
+            ctx.history.next_fresh.load(Ordering::Relaxed),
+            ctx.history.latest().tokens.len()
         ),
     );
     let avg = |total: &std::sync::atomic::AtomicU64, n: &std::sync::atomic::AtomicU64| {

@@ -79,6 +79,9 @@ pub struct Driver {
     pub stats: Arc<ChangeStats>,
     /// The gateway's registry version for the history's latest version.
     pub gateway_version: u64,
+    /// At most this many distinct tokens are ever listed (0: no limit); past
+    /// it, an addition re-lists a removed token.
+    pub universe: u32,
     pub rng: SmallRng,
 }
 
@@ -88,6 +91,7 @@ impl Driver {
         admin: AdminClient,
         source: Source,
         gateway_version: u64,
+        universe: u32,
         seed: u64,
     ) -> Driver {
         Driver {
@@ -96,6 +100,7 @@ impl Driver {
             source,
             stats: Arc::new(ChangeStats::default()),
             gateway_version,
+            universe,
             rng: SmallRng::seed_from_u64(seed ^ 0xc4a2_63e5),
         }
     }
@@ -154,7 +159,8 @@ impl Driver {
     }
 
     /// The next version: a change of `kind`, or the nearest kind that is
-    /// possible now (nothing to lift: revoke; nothing to re-add: add).
+    /// possible now (nothing to lift: revoke; nothing to re-add: add; no
+    /// fresh token left in the universe: re-add).
     fn plan(&mut self, kind: ChangeKind) -> Version {
         let latest = self.history.latest();
         let mut next = Version::clone(&latest);
@@ -166,10 +172,13 @@ impl Driver {
             .collect();
         let revoked: Vec<u32> = latest.revoked.iter().copied().collect();
         let removed = self.history.read().removed();
+        let full =
+            self.universe > 0 && self.history.next_fresh.load(Ordering::SeqCst) >= self.universe;
         let rng = &mut self.rng;
         let kind = match kind {
             ChangeKind::Lift if revoked.is_empty() => ChangeKind::Revoke,
             ChangeKind::ReAdd if removed.is_empty() => ChangeKind::Add,
+            ChangeKind::Add if full && !removed.is_empty() => ChangeKind::ReAdd,
             ChangeKind::Remove | ChangeKind::Narrow if listed.len() < 4 => ChangeKind::Add,
             ChangeKind::Revoke if unrevoked.is_empty() => ChangeKind::Add,
             other => other,

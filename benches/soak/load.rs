@@ -26,6 +26,7 @@ use rand::rngs::SmallRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +44,8 @@ const MENU: usize = 6;
 const H2_STREAMS: usize = 8;
 /// A request with no answer after this long counts as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the pacer hands out permits.
+const PACE_TICK: Duration = Duration::from_millis(10);
 /// Pacing after a failed connect (already counted as an error).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// How many mismatches are described in full.
@@ -125,20 +128,67 @@ pub struct Ctx {
     pub stats: Stats,
     pub stop: CancellationToken,
     pub seed: u64,
+    /// One permit per request, when the load is paced ([`pace`]).
+    pub permits: Option<Arc<Semaphore>>,
     next_id: AtomicU64,
 }
 
 impl Ctx {
-    pub fn new(gateway: SocketAddr, history: Arc<History>, seed: u64) -> Ctx {
+    pub fn new(gateway: SocketAddr, history: Arc<History>, seed: u64, paced: bool) -> Ctx {
         Ctx {
             gateway,
             history,
             stats: Stats::default(),
             stop: CancellationToken::new(),
             seed,
+            permits: paced.then(|| Arc::new(Semaphore::new(0))),
             next_id: AtomicU64::new(1),
         }
     }
+
+    /// Waits for the pacer's permission to send one request; false once stopped.
+    async fn may_send(&self) -> bool {
+        if self.stop.is_cancelled() {
+            return false;
+        }
+        match &self.permits {
+            None => true,
+            Some(permits) => match permits.acquire().await {
+                Ok(permit) => {
+                    permit.forget();
+                    !self.stop.is_cancelled()
+                }
+                Err(_) => false,
+            },
+        }
+    }
+}
+
+/// Hands out `rate` permits a second (at most a tenth of a second's worth
+/// banked), until stopped; then closes the semaphore so that waiters return.
+pub async fn pace(ctx: Arc<Ctx>, rate: u64) {
+    let Some(permits) = ctx.permits.clone() else {
+        return;
+    };
+    let bank = (rate / 10).max(1) as usize;
+    let mut tick = tokio::time::interval(PACE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
+    let mut credit = 0.0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = ctx.stop.cancelled() => break,
+        }
+        let now = tokio::time::Instant::now();
+        credit += rate as f64 * (now - last).as_secs_f64();
+        last = now;
+        let whole = credit.floor();
+        credit -= whole;
+        let room = bank.saturating_sub(permits.available_permits());
+        permits.add_permits((whole as usize).min(room));
+    }
+    permits.close();
 }
 
 /// An answer, read whole.
@@ -464,7 +514,7 @@ async fn h1_connection(ctx: &Ctx, rng: &mut SmallRng, menu: &[Req]) {
     tokio::spawn(connection);
     let mut uses: Vec<Use> = Vec::new();
     for _ in 0..REQUESTS_PER_CONNECTION {
-        if ctx.stop.is_cancelled() {
+        if !ctx.may_send().await {
             return;
         }
         let req = menu.choose(rng).unwrap().clone();
@@ -577,7 +627,7 @@ pub async fn h2_client(ctx: Arc<Ctx>, id: u64) {
         let connection = tokio::spawn(connection);
         let mut streams = JoinSet::new();
         loop {
-            while streams.len() < H2_STREAMS && !ctx.stop.is_cancelled() && !sender.is_closed() {
+            while streams.len() < H2_STREAMS && !sender.is_closed() && ctx.may_send().await {
                 let req = if rng.random_range(0..10) == 0 {
                     stranger(&mut rng)
                 } else {
