@@ -144,9 +144,8 @@ async fn set_revocation(shared: &Shared, uid: &str, revoked: bool) -> Response<B
     for stack in shared.stacks.iter() {
         match stack.set_admin_revocation(uid, revoked).await {
             Ok(Some(change)) => {
-                if revoked {
-                    cancelled += shared.apply_change(stack, &change, true);
-                }
+                // A lift ends nothing, but the registry's version moved.
+                cancelled += shared.apply_change(stack, &change, true);
                 // Sessions are cut first; the answer waits until it is on disk.
                 let version = change.registry.version();
                 if stack.settings().snapshot.is_some()

@@ -121,7 +121,19 @@ async fn route_request(
     }
     let client = conn.peer.ip();
     match decide(&shared.router, &shared.stacks, parts, started) {
-        Decision::Preflight(route) => Ok(finish(preflight(route, parts), activity)),
+        Decision::Preflight(route) => {
+            tracing::info!(
+                target: "stackgate::access",
+                request_id = %log_id(parts),
+                stack = NO_STACK,
+                token = NO_TOKEN,
+                route = route.kind.name(),
+                status = 204,
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "preflight"
+            );
+            Ok(finish(preflight(route, parts), activity))
+        }
         Decision::Refuse(refusal) => {
             let refusal = count_failed_auth(shared, client, refusal);
             Ok(finish(refuse(shared, parts, refusal, started), activity))
@@ -360,7 +372,12 @@ async fn forward(
         Ok(Ok(response)) => response,
         Ok(Err(err)) => {
             tracing::warn!(route = route_name, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
-            return refused(permit_refusal(&permit, Reject::UpstreamError), activity);
+            let reject = if connect_timed_out(&err) {
+                Reject::UpstreamTimeout
+            } else {
+                Reject::UpstreamError
+            };
+            return refused(permit_refusal(&permit, reject), activity);
         }
         Err(_elapsed) => {
             return refused(permit_refusal(&permit, Reject::UpstreamTimeout), activity)
@@ -405,6 +422,24 @@ fn permit_refusal<'a>(permit: &Permit<'a>, reject: Reject) -> Refusal<'a> {
         stack: Some(permit.stack),
         token: Some(Arc::clone(&permit.token.uid)),
     }
+}
+
+/// Whether the upstream could not even be reached within `connect_timeout`:
+/// that is a timeout (504, row 17), not a refusal (502).
+fn connect_timed_out(err: &hyper_util::client::legacy::Error) -> bool {
+    if !err.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
 }
 
 enum BodyError {

@@ -830,3 +830,64 @@ async fn faulty_origins_fail_cleanly_without_leaks() {
     .unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+/// An origin whose accept queue is full: the kernel drops further SYNs, so a
+/// connect to it neither succeeds nor fails until the connector gives up.
+async fn unreachable_origin() -> (SocketAddr, Vec<TcpStream>, tokio::net::TcpListener) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // With a backlog of 0 the queue holds one connection; fill it (and one
+    // more in case the kernel rounds up), never accepting.
+    let mut fillers = Vec::new();
+    for _ in 0..2 {
+        if let Ok(Ok(stream)) = timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+        {
+            fillers.push(stream);
+        }
+    }
+    (addr, fillers, listener)
+}
+
+#[tokio::test]
+async fn an_origin_that_cannot_be_reached_in_time_is_504() {
+    let _serial = SERIAL.lock().await;
+    let (unreachable, _fillers, _listener) = unreachable_origin().await;
+    // A port nobody listens on: the connect is refused at once.
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let extra = format!(
+        "[upstream]\nconnect_timeout = \"200ms\"\nrequest_timeout = \"20s\"\n\n\
+         [[routes]]\nkind = \"delivery\"\nhosts = [\"unreachable.test\"]\nupstream = \"http://{unreachable}\"\n\n\
+         [[routes]]\nkind = \"delivery\"\nhosts = [\"refused.test\"]\nupstream = \"http://{closed}\"\n"
+    );
+    let w = world_with(&extra).await;
+    let addr = w.gateway.http;
+    let token = [("api_key", API_KEY), ("access_token", PROD)];
+
+    // Well inside request_timeout: the connect timeout decided, and it is a
+    // timeout (504), not a refusal (502).
+    let reply = timeout(
+        Duration::from_secs(10),
+        send(addr, get("unreachable.test", "/v3/content_types", &token)),
+    )
+    .await
+    .expect("connect_timeout must end the wait, not request_timeout");
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.reason(), "upstream_timeout");
+    assert_eq!(reply.json()["error_code"], 504);
+
+    // A refused connect stays a 502.
+    let reply = timeout(
+        PROMPT,
+        send(addr, get("refused.test", "/v3/content_types", &token)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.reason(), "upstream_error");
+    assert_serves(addr, "after the unreachable origin").await;
+}

@@ -924,6 +924,27 @@ async fn every_request_writes_one_access_line() {
         },
     );
 
+    // A CORS preflight, answered by the gateway itself.
+    exchange(
+        http::Request::builder()
+            .method("OPTIONS")
+            .uri("/v3/entries")
+            .header("host", "cdn.test")
+            .header("origin", "https://site.example")
+            .header("access-control-request-method", "GET")
+            .header("x-request-id", "obs-log-preflight")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+        Expect {
+            id: "obs-log-preflight",
+            status: 204,
+            stack: "",
+            token: "",
+            route: "delivery",
+            reason: None,
+        },
+    );
+
     let mut expects = Vec::new();
     for (request, expect) in expected {
         let reply = send(gw.http, request).await;

@@ -1002,6 +1002,14 @@ async fn the_admin_api_needs_its_bearer_and_shows_no_values() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_forwarded(gateway, PROD, "revocation lifted").await;
     assert_forwarded(gateway, STAGING, "never revoked").await;
+    // The lift moved the registry's version; the gauge follows it at once.
+    let version = stack_status(gateway).await["registry_version"].clone();
+    assert_eq!(version, gateway.version(), "after the lift");
+    assert_eq!(
+        metric(gateway, "stackgate_registry_version{stack=\"website\"}").await,
+        gateway.version() as f64,
+        "the gauge after the lift"
+    );
 }
 
 #[tokio::test]

@@ -431,7 +431,8 @@ fn convert_route(index: usize, route: file::Route) -> Result<Route, ConfigError>
     let hosts = hosts
         .into_iter()
         .map(|host| {
-            let host = host.trim().to_ascii_lowercase();
+            // A port is ignored, as on requests (SPEC §2).
+            let host = crate::route::normalize_host(host.trim()).into_owned();
             if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
                 Err(ConfigError::invalid(
                     key("hosts"),

@@ -256,3 +256,15 @@ fn duplicate_stacks_and_routes_are_refused() {
         format!("{FULL}\n[[routes]]\nkind = \"graphql\"\nhosts = [\"preview.example.com\"]\n");
     assert_eq!(error_key(&dup_route), "routes[2].hosts");
 }
+
+#[test]
+fn route_hosts_are_matched_without_port_or_case() {
+    let text = FULL.replace("\"cdn.example.com\"", "\"CDN.Example.com:8443\"");
+    assert_ne!(text, FULL);
+    let config = parse(&text).unwrap();
+    assert_eq!(config.routes[0].hosts[0], "cdn.example.com");
+    // The same host under another port is the same host: a duplicate.
+    let dup =
+        format!("{FULL}\n[[routes]]\nkind = \"graphql\"\nhosts = [\"preview.example.com:80\"]\n");
+    assert_eq!(error_key(&dup), "routes[2].hosts");
+}
