@@ -1,12 +1,16 @@
 //! The floor of the request path: a hyper server that forwards every request
-//! to one upstream through the same pooled client stackgate uses, with no
-//! checks, logs or metrics. `benches/load.sh` runs it as the "hyper" target
-//! so that stackgate's cost is split into what hyper and tokio cost on this
-//! machine and what stackgate adds.
+//! to one upstream the way stackgate does, with no checks, logs or metrics:
+//! HTTP/1.1 client connections through a held upstream connection
+//! (`stackgate::upstream::held`), h2c ones through the shared pooled client.
+//! `benches/load.sh` runs it as the "hyper" target so that stackgate's cost
+//! is split into what hyper and tokio cost on this machine and what
+//! stackgate adds. With `BARE_POOLED=1` every request takes the pooled
+//! client (how stackgate forwarded HTTP/1.1 before held connections).
 //!
 //! Run: `cargo run --release --example bare_proxy -- 127.0.0.1:8080 http://127.0.0.1:8081`
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -16,6 +20,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use mimalloc::MiMalloc;
+use stackgate::upstream::held::{HeldPool, Slot};
 use tokio::net::TcpListener;
 
 #[global_allocator]
@@ -33,22 +38,48 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let client = stackgate::upstream::build_client(Duration::from_secs(1), None)?;
+        let held = HeldPool::new(stackgate::upstream::connector(
+            Duration::from_secs(1),
+            None,
+            false,
+        )?);
+        let target = Arc::new(stackgate::route::Upstream {
+            scheme: upstream
+                .scheme()
+                .cloned()
+                .unwrap_or(http::uri::Scheme::HTTP),
+            authority: upstream
+                .authority()
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("the upstream needs an authority"))?,
+        });
+        let pooled_only = std::env::var_os("BARE_POOLED").is_some();
         let listener = TcpListener::bind(listen).await?;
         loop {
             let (stream, _) = listener.accept().await?;
             stream.set_nodelay(true)?;
             let client = client.clone();
             let upstream = upstream.clone();
+            let (held, target) = (held.clone(), Arc::clone(&target));
+            let slot = Arc::new(Slot::default());
             tokio::spawn(async move {
                 let service = service_fn(move |request: Request<Incoming>| {
                     let client = client.clone();
                     let upstream = upstream.clone();
+                    let (held, target, slot) =
+                        (held.clone(), Arc::clone(&target), Arc::clone(&slot));
                     async move {
                         let (mut parts, body) = request.into_parts();
                         let body = body.collect().await?.to_bytes();
+                        let pooled = pooled_only || parts.version == http::Version::HTTP_2;
                         // An h2c request goes upstream over HTTP/1.1, as stackgate sends it.
                         parts.version = http::Version::HTTP_11;
                         parts.headers.remove(http::header::HOST);
+                        if !pooled {
+                            let request = Request::from_parts(parts, Full::new(body));
+                            let response = held.send(&slot, &target, request).await?;
+                            return Ok::<Response<Incoming>, anyhow::Error>(response);
+                        }
                         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                         parts.uri = format!("{upstream}{}", path.trim_start_matches('/'))
                             .parse()
@@ -56,7 +87,7 @@ fn main() -> anyhow::Result<()> {
                         let response = client
                             .request(Request::from_parts(parts, Full::new(body)))
                             .await?;
-                        Ok::<Response<Incoming>, anyhow::Error>(response)
+                        Ok(response)
                     }
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())

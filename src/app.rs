@@ -24,7 +24,8 @@ use crate::registry::{Change, StackRegistry, Stacks, SyncReport};
 use crate::route::Router;
 use crate::server::{self, TlsReloader};
 use crate::sessions::Sessions;
-use crate::upstream::{build_client, HttpClient};
+use crate::upstream::held::HeldPool;
+use crate::upstream::{build_client, connector, HttpClient};
 
 /// How often a tokens file is checked for changes.
 pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -36,6 +37,8 @@ pub struct Shared {
     pub stacks: Stacks,
     pub sessions: Arc<Sessions>,
     pub client: HttpClient,
+    /// Upstream connections held by HTTP/1.1 client connections.
+    pub held: HeldPool,
     pub metrics: Metrics,
     /// The duration histograms, resolved per route kind.
     pub durations: crate::metrics::RouteDurations,
@@ -81,6 +84,11 @@ impl Shared {
             config.upstream.connect_timeout,
             config.upstream.ca_file.as_deref(),
         )?;
+        let held = HeldPool::new(connector(
+            config.upstream.connect_timeout,
+            config.upstream.ca_file.as_deref(),
+            false,
+        )?);
         let router = Router::new(&config.routes);
         let mut list = Vec::with_capacity(config.stacks.len());
         let budget = Arc::new(CmaBudget::new(CMA_REQUESTS_PER_SECOND));
@@ -131,6 +139,7 @@ impl Shared {
             router,
             stacks,
             client,
+            held,
             durations: metrics.durations(),
             metrics,
             usage: Default::default(),

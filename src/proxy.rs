@@ -348,14 +348,30 @@ async fn forward(
         drop(guard);
         return refused(refusal, activity);
     }
-    let Some(upstream_request) = upstream_request(parts, &permit, conn, body) else {
+    // HTTP/1.1 sends one request at a time: it goes down the upstream
+    // connection this client connection holds. HTTP/2 multiplexes: the
+    // shared pool.
+    let pooled = parts.version == Version::HTTP_2;
+    let Some(upstream_request) = upstream_request(parts, &permit, conn, body, pooled) else {
         let reject = Reject::BadRequest(BadRequest::Malformed);
         return refused(permit_refusal(&permit, reject), activity);
     };
 
     let upstream_started = Instant::now();
     let timeout = shared.config.upstream.request_timeout;
-    let call = tokio::time::timeout(timeout, shared.client.request(upstream_request));
+    let call = tokio::time::timeout(timeout, async {
+        if pooled {
+            let response = shared.client.request(upstream_request).await;
+            response.map_err(UpstreamFailure::Pooled)
+        } else {
+            let upstream = &permit.route.upstream;
+            let response = shared
+                .held
+                .send(&conn.upstream, upstream, upstream_request)
+                .await;
+            response.map_err(UpstreamFailure::Held)
+        }
+    });
     // An HTTP/2 stream is reset on its own; on HTTP/1.1 the connection task
     // drops the whole connection, this future with it.
     let answer = match guard.cancel() {
@@ -426,20 +442,20 @@ fn permit_refusal<'a>(permit: &Permit<'a>, reject: Reject) -> Refusal<'a> {
 
 /// Whether the upstream could not even be reached within `connect_timeout`:
 /// that is a timeout (504, row 17), not a refusal (502).
-fn connect_timed_out(err: &hyper_util::client::legacy::Error) -> bool {
-    if !err.is_connect() {
-        return false;
+fn connect_timed_out(err: &UpstreamFailure) -> bool {
+    match err {
+        UpstreamFailure::Pooled(err) => err.is_connect() && crate::upstream::timed_out(err),
+        UpstreamFailure::Held(err) => err.is_connect_timeout(),
     }
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        source = cause.source();
-    }
-    false
+}
+
+/// Why an upstream call failed, from the shared pool or a held connection.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamFailure {
+    #[error(transparent)]
+    Pooled(hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    Held(crate::upstream::held::SendError),
 }
 
 enum BodyError {
@@ -461,12 +477,15 @@ async fn read_body(body: Incoming, max: u64) -> Result<Bytes, BodyError> {
 }
 
 /// The request to send upstream: same method, path (prefix stripped), query
-/// and headers, minus hop-by-hop headers and an ignored `preview_token`.
+/// and headers, minus hop-by-hop headers and an ignored `preview_token`. Its
+/// URI is absolute for the `pooled` client, else in origin form (a held
+/// connection sets `Host` itself).
 fn upstream_request(
     parts: &Parts,
     permit: &Permit<'_>,
     conn: &ConnInfo,
     body: Bytes,
+    pooled: bool,
 ) -> Option<Request<Full<Bytes>>> {
     let path_and_query = match parts.uri.path_and_query() {
         // No prefix stripped: the client's path and query as they are.
@@ -479,12 +498,16 @@ fn upstream_request(
             PathAndQuery::try_from(text).ok()?
         }
     };
-    let upstream = &permit.route.upstream;
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(upstream.scheme.clone());
-    uri.authority = Some(upstream.authority.clone());
-    uri.path_and_query = Some(path_and_query);
-    let uri = Uri::from_parts(uri).ok()?;
+    let uri = if pooled {
+        let upstream = &permit.route.upstream;
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(upstream.scheme.clone());
+        uri.authority = Some(upstream.authority.clone());
+        uri.path_and_query = Some(path_and_query);
+        Uri::from_parts(uri).ok()?
+    } else {
+        Uri::from(path_and_query)
+    };
 
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);

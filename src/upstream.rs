@@ -1,5 +1,9 @@
 //! The pooled HTTP client used for upstreams and the CMA: HTTP/1.1 or h2 by
-//! ALPN, TLS by rustls with the web PKI roots plus an optional private CA.
+//! ALPN, TLS by rustls with the web PKI roots plus an optional private CA;
+//! and the upstream connections that HTTP/1.1 client connections hold
+//! ([`held`]).
+
+pub mod held;
 
 use std::path::Path;
 use std::time::Duration;
@@ -34,6 +38,22 @@ pub fn build_client(
     connect_timeout: Duration,
     ca_file: Option<&Path>,
 ) -> Result<HttpClient, ClientError> {
+    let https = connector(connect_timeout, ca_file, true)?;
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+        .build(https))
+}
+
+/// The connector: TCP with `connect_timeout`, then TLS by rustls for
+/// `https` upstreams, offering h2 by ALPN only if `http2`.
+pub fn connector(
+    connect_timeout: Duration,
+    ca_file: Option<&Path>,
+    http2: bool,
+) -> Result<HttpsConnector<HttpConnector>, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -68,16 +88,28 @@ pub fn build_client(
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-        .build(https))
+        .enable_http1();
+    Ok(if http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    })
+}
+
+/// Whether `err` or one of its sources is an I/O timeout (a connect that
+/// did not complete within `connect_timeout`).
+pub fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
 }

@@ -74,6 +74,8 @@ pub struct StreamStats {
 struct State {
     requests: Vec<Recorded>,
     streams: StreamStats,
+    /// TCP connections accepted.
+    connections: usize,
 }
 
 struct Shared {
@@ -140,6 +142,11 @@ impl Origin {
     /// The number of requests recorded so far.
     pub fn request_count(&self) -> usize {
         self.shared.read(|s| s.requests.len())
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.read(|s| s.connections)
     }
 
     /// The last request recorded, if any.
@@ -226,6 +233,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: Cancell
             },
         };
         let _ = stream.set_nodelay(true);
+        shared.update(|s| s.connections += 1);
         let shared = shared.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {

@@ -1,0 +1,189 @@
+//! Upstream connections: an HTTP/1.1 client connection holds one upstream
+//! connection while it lives and gives it back to the pool when it ends;
+//! a connection the origin closed is replaced; a client connection that
+//! moves between routes reaches each route's upstream (SPEC §2).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A kept-alive HTTP/1.1 client connection to the gateway.
+async fn keep_alive(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+async fn get_on(sender: &mut http1::SendRequest<Full<Bytes>>, host: &str, path: &str) -> Reply {
+    sender.ready().await.unwrap();
+    let request = get(host, path, &[("api_key", API_KEY), ("access_token", PROD)]);
+    read(sender.send_request(request).await.unwrap()).await
+}
+
+async fn gateway_to(origin: &str, extra: &str) -> (TestGateway, cma::FakeCma) {
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let gateway = spawn_ready(&config_with(origin, &cma_registry(&cma.url(), None), extra)).await;
+    (gateway, cma)
+}
+
+#[tokio::test]
+async fn http1_clients_hold_an_upstream_connection_and_give_it_back() {
+    let origin = origin::spawn_origin().await;
+    let (gw, _cma) = gateway_to(&origin.url(), "").await;
+
+    // One client connection, three requests: one upstream connection.
+    let mut first = keep_alive(gw.http).await;
+    for i in 0..3 {
+        let reply = get_on(&mut first, "cdn.test", &format!("/v3/first/{i}")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(origin.connections(), 1);
+    assert_eq!(
+        gw.shared.held.idle(),
+        0,
+        "held, not idle, while its client lives"
+    );
+
+    // The client goes: its upstream connection goes back to the pool...
+    drop(first);
+    wait_until("the upstream connection is idle", || {
+        gw.shared.held.idle() == 1
+    })
+    .await;
+
+    // ... and the next client connection takes it.
+    let mut second = keep_alive(gw.http).await;
+    for i in 0..2 {
+        let reply = get_on(&mut second, "cdn.test", &format!("/v3/second/{i}")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(origin.connections(), 1, "the idle connection was reused");
+
+    // Two client connections at once hold one each.
+    let mut third = keep_alive(gw.http).await;
+    let reply = get_on(&mut third, "cdn.test", "/v3/third").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(origin.connections(), 2);
+    let reply = get_on(&mut second, "cdn.test", "/v3/second/again").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(origin.connections(), 2);
+    assert_eq!(origin.request_count(), 7);
+
+    // HTTP/2 clients use the shared pool: their requests arrive too.
+    let mut h2 = h2c(gw.http).await;
+    let request = get(
+        "cdn.test",
+        "/v3/h2",
+        &[("api_key", API_KEY), ("access_token", PROD)],
+    );
+    let reply = read(h2.send_request(request).await.unwrap()).await;
+    assert_eq!(reply.status, 200);
+    let seen = origin.last_request().unwrap();
+    assert_eq!(seen.path, "/v3/h2");
+    assert_eq!(seen.header("host"), Some(&*origin.addr.to_string()));
+}
+
+/// An origin that answers one request per connection, then closes it
+/// without saying so (no `connection: close`), as an origin whose
+/// keep-alive timeout fired would.
+async fn closing_origin() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (a, c) = (Arc::clone(&accepted), Arc::clone(&closed));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let c = Arc::clone(&c);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+                drop(stream);
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, accepted, closed)
+}
+
+#[tokio::test]
+async fn an_upstream_connection_the_origin_closed_is_replaced() {
+    let (addr, accepted, closed) = closing_origin().await;
+    let (gw, _cma) = gateway_to(&format!("http://{addr}"), "").await;
+    let mut client = keep_alive(gw.http).await;
+    for i in 1..=4 {
+        let reply = get_on(&mut client, "cdn.test", "/v3/entries").await;
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
+        assert_eq!(reply.body, "{}");
+        // The origin has closed the connection before the next request is sent.
+        wait_until("the origin closed its connection", || {
+            closed.load(Ordering::SeqCst) == i
+        })
+        .await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        4,
+        "one connection per request"
+    );
+    assert_eq!(gw.shared.held.idle(), 0);
+}
+
+#[tokio::test]
+async fn a_client_connection_that_changes_route_reaches_each_upstream() {
+    let (a, b) = (origin::spawn_origin().await, origin::spawn_origin().await);
+    let extra = format!(
+        "[[routes]]\nkind = \"delivery\"\nhosts = [\"other.test\"]\nupstream = \"{}\"\n",
+        b.url()
+    );
+    let (gw, _cma) = gateway_to(&a.url(), &extra).await;
+    let mut client = keep_alive(gw.http).await;
+    for (host, path) in [
+        ("cdn.test", "/v3/a1"),
+        ("other.test", "/v3/b1"),
+        ("cdn.test", "/v3/a2"),
+        ("other.test", "/v3/b2"),
+    ] {
+        let reply = get_on(&mut client, host, path).await;
+        assert_eq!(reply.status, 200, "{host}{path}: {}", reply.text());
+    }
+    let paths = |o: &origin::Origin| {
+        o.requests()
+            .iter()
+            .map(|r| r.path.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(paths(&a), ["/v3/a1", "/v3/a2"]);
+    assert_eq!(paths(&b), ["/v3/b1", "/v3/b2"]);
+    for (origin, seen) in [(&a, a.requests()), (&b, b.requests())] {
+        for request in seen {
+            assert_eq!(request.header("host"), Some(&*origin.addr.to_string()));
+        }
+    }
+    // Switching routes gives the other upstream's connection back to the
+    // pool, and switching again takes it: one connection to each.
+    assert_eq!((a.connections(), b.connections()), (1, 1));
+}
