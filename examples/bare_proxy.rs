@@ -1,11 +1,11 @@
 //! The floor of the request path: a hyper server that forwards every request
 //! to one upstream the way stackgate does, with no checks, logs or metrics:
-//! HTTP/1.1 client connections through a held upstream connection
-//! (`stackgate::upstream::held`), h2c ones through the shared pooled client.
+//! HTTP/1.1 requests through the light HTTP/1.1 pool
+//! (`stackgate::upstream::h1pool`), h2c ones through the shared pooled client.
 //! `benches/load.sh` runs it as the "hyper" target so that stackgate's cost
 //! is split into what hyper and tokio cost on this machine and what
 //! stackgate adds. With `BARE_POOLED=1` every request takes the pooled
-//! client (how stackgate forwarded HTTP/1.1 before held connections).
+//! client (how stackgate forwarded HTTP/1.1 before the HTTP/1.1 pool).
 //!
 //! Run: `cargo run --release --example bare_proxy -- 127.0.0.1:8080 http://127.0.0.1:8081`
 
@@ -20,7 +20,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use mimalloc::MiMalloc;
-use stackgate::upstream::held::{HeldPool, Slot};
+use stackgate::upstream::h1pool::{H1Pool, Leased};
 use tokio::net::TcpListener;
 
 #[global_allocator]
@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let client = stackgate::upstream::build_client(Duration::from_secs(1), None)?;
-        let held = HeldPool::new(stackgate::upstream::connector(
+        let h1pool = H1Pool::new(stackgate::upstream::connector(
             Duration::from_secs(1),
             None,
             false,
@@ -60,14 +60,12 @@ fn main() -> anyhow::Result<()> {
             stream.set_nodelay(true)?;
             let client = client.clone();
             let upstream = upstream.clone();
-            let (held, target) = (held.clone(), Arc::clone(&target));
-            let slot = Arc::new(Slot::default());
+            let (h1pool, target) = (h1pool.clone(), Arc::clone(&target));
             tokio::spawn(async move {
                 let service = service_fn(move |request: Request<Incoming>| {
                     let client = client.clone();
                     let upstream = upstream.clone();
-                    let (held, target, slot) =
-                        (held.clone(), Arc::clone(&target), Arc::clone(&slot));
+                    let (h1pool, target) = (h1pool.clone(), Arc::clone(&target));
                     async move {
                         let (mut parts, body) = request.into_parts();
                         let body = body.collect().await?.to_bytes();
@@ -77,8 +75,9 @@ fn main() -> anyhow::Result<()> {
                         parts.headers.remove(http::header::HOST);
                         if !pooled {
                             let request = Request::from_parts(parts, Full::new(body));
-                            let response = held.send(&slot, &target, request).await?;
-                            return Ok::<Response<Incoming>, anyhow::Error>(response);
+                            let (response, lease) = h1pool.send(&target, request).await?;
+                            let response = response.map(|body| Leased::new(body, Some(lease)));
+                            return Ok::<Response<Leased>, anyhow::Error>(response);
                         }
                         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                         parts.uri = format!("{upstream}{}", path.trim_start_matches('/'))
@@ -87,7 +86,7 @@ fn main() -> anyhow::Result<()> {
                         let response = client
                             .request(Request::from_parts(parts, Full::new(body)))
                             .await?;
-                        Ok(response)
+                        Ok(response.map(|body| Leased::new(body, None)))
                     }
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())

@@ -24,7 +24,7 @@ use crate::registry::{Change, StackRegistry, Stacks, SyncReport};
 use crate::route::Router;
 use crate::server::{self, TlsReloader};
 use crate::sessions::Sessions;
-use crate::upstream::held::HeldPool;
+use crate::upstream::h1pool::H1Pool;
 use crate::upstream::{build_client, connector, HttpClient};
 
 /// How often a tokens file is checked for changes.
@@ -37,8 +37,8 @@ pub struct Shared {
     pub stacks: Stacks,
     pub sessions: Arc<Sessions>,
     pub client: HttpClient,
-    /// Upstream connections held by HTTP/1.1 client connections.
-    pub held: HeldPool,
+    /// The HTTP/1.1 upstream pool HTTP/1.1 client requests take.
+    pub h1pool: H1Pool,
     pub metrics: Metrics,
     /// The duration histograms, resolved per route kind.
     pub durations: crate::metrics::RouteDurations,
@@ -84,7 +84,7 @@ impl Shared {
             config.upstream.connect_timeout,
             config.upstream.ca_file.as_deref(),
         )?;
-        let held = HeldPool::new(connector(
+        let h1pool = H1Pool::new(connector(
             config.upstream.connect_timeout,
             config.upstream.ca_file.as_deref(),
             false,
@@ -139,7 +139,7 @@ impl Shared {
             router,
             stacks,
             client,
-            held,
+            h1pool,
             durations: metrics.durations(),
             metrics,
             usage: Default::default(),

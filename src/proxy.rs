@@ -32,6 +32,7 @@ use crate::response::{self, Body, BoxError};
 use crate::route::Route;
 use crate::server::{ActivityGuard, ConnInfo};
 use crate::sessions::RequestGuard;
+use crate::upstream::h1pool::Leased;
 use crate::Shared;
 
 /// The request id header, added when absent and returned on every response.
@@ -348,9 +349,9 @@ async fn forward(
         drop(guard);
         return refused(refusal, activity);
     }
-    // HTTP/1.1 sends one request at a time: it goes down the upstream
-    // connection this client connection holds. HTTP/2 multiplexes: the
-    // shared pool.
+    // HTTP/1.1 requests lease an HTTP/1.1 upstream connection from the
+    // light pool; HTTP/2 ones take the shared client, which may multiplex
+    // them over h2 upstream.
     let pooled = parts.version == Version::HTTP_2;
     let Some(upstream_request) = upstream_request(parts, &permit, conn, body, pooled) else {
         let reject = Reject::BadRequest(BadRequest::Malformed);
@@ -362,14 +363,15 @@ async fn forward(
     let call = tokio::time::timeout(timeout, async {
         if pooled {
             let response = shared.client.request(upstream_request).await;
-            response.map_err(UpstreamFailure::Pooled)
+            response
+                .map(|response| (response, None))
+                .map_err(UpstreamFailure::Pooled)
         } else {
             let upstream = &permit.route.upstream;
-            let response = shared
-                .held
-                .send(&conn.upstream, upstream, upstream_request)
-                .await;
-            response.map_err(UpstreamFailure::Held)
+            let response = shared.h1pool.send(upstream, upstream_request).await;
+            response
+                .map(|(response, lease)| (response, Some(lease)))
+                .map_err(UpstreamFailure::H1)
         }
     });
     // An HTTP/2 stream is reset on its own; on HTTP/1.1 the connection task
@@ -384,8 +386,8 @@ async fn forward(
     };
     let kind = permit.route.kind;
     let route_name = kind.name();
-    let upstream = match answer {
-        Ok(Ok(response)) => response,
+    let (upstream, lease) = match answer {
+        Ok(Ok(answered)) => answered,
         Ok(Err(err)) => {
             tracing::warn!(route = route_name, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
             let reject = if connect_timed_out(&err) {
@@ -426,6 +428,8 @@ async fn forward(
     // `request_timeout` also bounds every silence of the upstream body, so a
     // stalled origin cannot hold a client connection forever.
     let stall = Some(shared.config.upstream.request_timeout);
+    // Read to the end, the body gives its HTTP/1.1 connection back to the pool.
+    let body = Leased::new(body, lease);
     let body = Tracked::new(body, Some(guard), Some(activity), stall).boxed_unsync();
     Ok(Response::from_parts(head, body))
 }
@@ -445,17 +449,17 @@ fn permit_refusal<'a>(permit: &Permit<'a>, reject: Reject) -> Refusal<'a> {
 fn connect_timed_out(err: &UpstreamFailure) -> bool {
     match err {
         UpstreamFailure::Pooled(err) => err.is_connect() && crate::upstream::timed_out(err),
-        UpstreamFailure::Held(err) => err.is_connect_timeout(),
+        UpstreamFailure::H1(err) => err.is_connect_timeout(),
     }
 }
 
-/// Why an upstream call failed, from the shared pool or a held connection.
+/// Why an upstream call failed, in the shared pool or the HTTP/1.1 one.
 #[derive(Debug, thiserror::Error)]
 enum UpstreamFailure {
     #[error(transparent)]
     Pooled(hyper_util::client::legacy::Error),
     #[error(transparent)]
-    Held(crate::upstream::held::SendError),
+    H1(crate::upstream::h1pool::SendError),
 }
 
 enum BodyError {
@@ -478,8 +482,8 @@ async fn read_body(body: Incoming, max: u64) -> Result<Bytes, BodyError> {
 
 /// The request to send upstream: same method, path (prefix stripped), query
 /// and headers, minus hop-by-hop headers and an ignored `preview_token`. Its
-/// URI is absolute for the `pooled` client, else in origin form (a held
-/// connection sets `Host` itself).
+/// URI is absolute for the `pooled` client, else in origin form (the HTTP/1.1
+/// pool sets `Host` itself).
 fn upstream_request(
     parts: &Parts,
     permit: &Permit<'_>,

@@ -47,10 +47,6 @@ pub struct ConnInfo {
     pub scheme: &'static str,
     /// The peer's address as an `x-forwarded-for` value, made once.
     pub client_ip: http::HeaderValue,
-    /// The upstream connection HTTP/1.1 requests go down. Declared before
-    /// `sessions`, so that it is back in the pool by the time the
-    /// connection's sessions are gone.
-    pub upstream: crate::upstream::held::Slot,
     pub sessions: ConnSessions,
     pub activity: Arc<Activity>,
 }
@@ -443,7 +439,6 @@ pub async fn serve_connection<I>(
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
         sessions: shared.sessions.connection(),
         activity: Arc::clone(&activity),
-        upstream: Default::default(),
     });
     let revoked = info.sessions.cancel.clone();
     let io = TokioIo::new(WatchedIo {

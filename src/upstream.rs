@@ -1,9 +1,9 @@
 //! The pooled HTTP client used for upstreams and the CMA: HTTP/1.1 or h2 by
 //! ALPN, TLS by rustls with the web PKI roots plus an optional private CA;
-//! and the upstream connections that HTTP/1.1 client connections hold
-//! ([`held`]).
+//! and the lighter HTTP/1.1 pool that HTTP/1.1 client requests take
+//! ([`h1pool`]).
 
-pub mod held;
+pub mod h1pool;
 
 use std::path::Path;
 use std::time::Duration;

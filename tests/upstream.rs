@@ -1,7 +1,7 @@
-//! Upstream connections: an HTTP/1.1 client connection holds one upstream
-//! connection while it lives and gives it back to the pool when it ends;
-//! a connection the origin closed is replaced; a client connection that
-//! moves between routes reaches each route's upstream (SPEC §2).
+//! The HTTP/1.1 upstream pool: a request leases an idle connection or opens
+//! one, and its response body gives it back once read to the end; a body
+//! cut off closes it; a connection the origin closed is replaced; requests
+//! that change route reach each route's upstream (SPEC §2).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -40,49 +40,36 @@ async fn gateway_to(origin: &str, extra: &str) -> (TestGateway, cma::FakeCma) {
 }
 
 #[tokio::test]
-async fn http1_clients_hold_an_upstream_connection_and_give_it_back() {
+async fn http1_requests_share_pooled_upstream_connections() {
     let origin = origin::spawn_origin().await;
     let (gw, _cma) = gateway_to(&origin.url(), "").await;
+    let pool = &gw.shared.h1pool;
 
-    // One client connection, three requests: one upstream connection.
+    // Sequential requests, on one client connection or on another: one
+    // upstream connection, back in the pool after each response.
     let mut first = keep_alive(gw.http).await;
-    for i in 0..3 {
-        let reply = get_on(&mut first, "cdn.test", &format!("/v3/first/{i}")).await;
+    let mut second = keep_alive(gw.http).await;
+    for (i, on_second) in [false, false, true, false].into_iter().enumerate() {
+        let client = if on_second { &mut second } else { &mut first };
+        let reply = get_on(client, "cdn.test", &format!("/v3/entries/{i}")).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
+        wait_until("the connection is back in the pool", || pool.idle() == 1).await;
     }
     assert_eq!(origin.connections(), 1);
-    assert_eq!(
-        gw.shared.held.idle(),
-        0,
-        "held, not idle, while its client lives"
-    );
 
-    // The client goes: its upstream connection goes back to the pool...
-    drop(first);
-    wait_until("the upstream connection is idle", || {
-        gw.shared.held.idle() == 1
-    })
-    .await;
-
-    // ... and the next client connection takes it.
-    let mut second = keep_alive(gw.http).await;
-    for i in 0..2 {
-        let reply = get_on(&mut second, "cdn.test", &format!("/v3/second/{i}")).await;
-        assert_eq!(reply.status, 200, "{}", reply.text());
-    }
-    assert_eq!(origin.connections(), 1, "the idle connection was reused");
-
-    // Two client connections at once hold one each.
-    let mut third = keep_alive(gw.http).await;
-    let reply = get_on(&mut third, "cdn.test", "/v3/third").await;
+    // Two requests at once take two.
+    let slow =
+        tokio::spawn(async move { get_on(&mut first, "cdn.test", "/slow?ms=300").await.status });
+    origin.wait_for_requests(5).await;
+    assert_eq!(pool.idle(), 0, "the one connection is leased");
+    let reply = get_on(&mut second, "cdn.test", "/v3/while-slow").await;
     assert_eq!(reply.status, 200);
+    assert_eq!(slow.await.unwrap(), 200);
     assert_eq!(origin.connections(), 2);
-    let reply = get_on(&mut second, "cdn.test", "/v3/second/again").await;
-    assert_eq!(reply.status, 200);
-    assert_eq!(origin.connections(), 2);
-    assert_eq!(origin.request_count(), 7);
+    wait_until("both connections are back", || pool.idle() == 2).await;
 
-    // HTTP/2 clients use the shared pool: their requests arrive too.
+    // HTTP/2 clients use the shared pool: their requests arrive too, with the
+    // upstream's Host.
     let mut h2 = h2c(gw.http).await;
     let request = get(
         "cdn.test",
@@ -94,6 +81,34 @@ async fn http1_clients_hold_an_upstream_connection_and_give_it_back() {
     let seen = origin.last_request().unwrap();
     assert_eq!(seen.path, "/v3/h2");
     assert_eq!(seen.header("host"), Some(&*origin.addr.to_string()));
+}
+
+#[tokio::test]
+async fn a_response_cut_off_mid_body_closes_its_upstream_connection() {
+    let origin = origin::spawn_origin().await;
+    let (gw, _cma) = gateway_to(&origin.url(), "").await;
+    let pool = &gw.shared.h1pool;
+
+    let mut client = keep_alive(gw.http).await;
+    let request = get(
+        "cdn.test",
+        "/stream?chunks=200&interval_ms=20",
+        &[("api_key", API_KEY), ("access_token", PROD)],
+    );
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    origin.wait_for_streams_started(1).await;
+    // The client goes away mid-body.
+    drop(response);
+    drop(client);
+    origin.wait_for_stream_aborted(1).await;
+    assert_eq!(pool.idle(), 0, "a half-read connection is not reused");
+
+    let mut client = keep_alive(gw.http).await;
+    let reply = get_on(&mut client, "cdn.test", "/v3/after").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(origin.connections(), 2, "a new connection was opened");
+    wait_until("that one is back in the pool", || pool.idle() == 1).await;
 }
 
 /// An origin that answers one request per connection, then closes it
@@ -149,7 +164,7 @@ async fn an_upstream_connection_the_origin_closed_is_replaced() {
         4,
         "one connection per request"
     );
-    assert_eq!(gw.shared.held.idle(), 0);
+    wait_until("no open idle connection", || gw.shared.h1pool.idle() == 0).await;
 }
 
 #[tokio::test]
@@ -183,7 +198,6 @@ async fn a_client_connection_that_changes_route_reaches_each_upstream() {
             assert_eq!(request.header("host"), Some(&*origin.addr.to_string()));
         }
     }
-    // Switching routes gives the other upstream's connection back to the
-    // pool, and switching again takes it: one connection to each.
+    // Each upstream has its own idle list: one connection to each.
     assert_eq!((a.connections(), b.connections()), (1, 1));
 }

@@ -1,25 +1,29 @@
-//! Upstream connections held by HTTP/1.1 client connections.
+//! The HTTP/1.1 upstream pool that HTTP/1.1 client requests go through.
 //!
-//! An HTTP/1.1 client connection sends one request at a time, so it can hold
-//! one HTTP/1.1 upstream connection for as long as it lives and send every
-//! request straight down it. That skips the shared pool's checkout and
-//! check-in, which on the request path cost more than the proxying itself
-//! (`benches/load.sh`, BENCHMARKS.md). Upstream connections stay pooled:
-//! one is taken from the idle list when a client connection first forwards,
-//! and goes back to it when the client connection ends, if it is idle and
-//! open. Idle ones are closed after [`POOL_IDLE_TIMEOUT`], at most
-//! [`POOL_MAX_IDLE_PER_HOST`] are kept per upstream.
+//! hyper-util's pooled client costs more per request than the proxying
+//! itself on this path (`benches/load.sh`, BENCHMARKS.md): a checkout future,
+//! a keyed map, waiters, a connect service. This pool is a LIFO list of idle
+//! HTTP/1.1 connections per upstream behind one mutex. A request leases the
+//! most recently idled connection (usually the one its client connection
+//! used last) or opens one, and its response body gives the connection back
+//! when it has been read to the end; a body cut off mid-way (client gone,
+//! revocation, stall) closes it instead. Idle connections are closed after
+//! [`POOL_IDLE_TIMEOUT`]; at most [`POOL_MAX_IDLE_PER_HOST`] are kept per
+//! upstream, as in the shared pool.
 //!
 //! HTTP/2 client connections multiplex, so they keep the shared pooled
-//! client (which may speak h2 upstream).
+//! client, which may speak h2 upstream.
 
 use std::error::Error as StdError;
-use std::sync::{Arc, Mutex, Weak};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{header, HeaderValue, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -36,7 +40,7 @@ type Sender = http1::SendRequest<Full<Bytes>>;
 /// How often idle connections past [`POOL_IDLE_TIMEOUT`] are closed.
 const REAP_EVERY: Duration = Duration::from_secs(30);
 
-/// Why a request could not be sent on a held connection.
+/// Why a request could not be sent.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("connect: {0}")]
@@ -57,16 +61,30 @@ impl SendError {
     }
 }
 
-/// The idle upstream connections, by scheme and authority.
+/// The idle HTTP/1.1 upstream connections.
 #[derive(Clone)]
-pub struct HeldPool {
+pub struct H1Pool {
     inner: Arc<Inner>,
 }
 
 struct Inner {
     connector: HttpsConnector<HttpConnector>,
-    idle: Mutex<Vec<Idle>>,
+    /// Per upstream (there are few: one per route at most), its idle
+    /// connections, the most recently idled last.
+    idle: Mutex<Vec<IdleList>>,
     reaper_started: std::sync::atomic::AtomicBool,
+}
+
+struct IdleList {
+    scheme: Scheme,
+    authority: Authority,
+    conns: Vec<Idle>,
+}
+
+impl IdleList {
+    fn is_for(&self, upstream: &Upstream) -> bool {
+        self.scheme == upstream.scheme && self.authority == upstream.authority
+    }
 }
 
 /// An upstream connection and what it was opened to.
@@ -78,48 +96,22 @@ struct Conn {
     sender: Sender,
 }
 
-impl Conn {
-    fn goes_to(&self, upstream: &Upstream) -> bool {
-        self.scheme == upstream.scheme && self.authority == upstream.authority
-    }
-
-    /// Idle and open: it can carry another client connection's requests.
-    fn reusable(&self) -> bool {
-        !self.sender.is_closed() && self.sender.is_ready()
-    }
-}
-
 struct Idle {
     conn: Conn,
     since: Instant,
 }
 
-/// The upstream connection one client connection holds. Dropping it (when
-/// the client connection ends) returns the connection to the idle list.
-#[derive(Default)]
-pub struct Slot {
-    held: Mutex<Option<(Conn, Weak<Inner>)>>,
+/// A connection leased for one request; dropped, it closes.
+/// [`Leased`] gives it back once the response body has been read whole.
+pub struct Lease {
+    conn: Conn,
+    pool: Arc<Inner>,
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let held = self
-            .held
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some((conn, pool)) = held {
-            if let Some(pool) = pool.upgrade() {
-                pool.put(conn);
-            }
-        }
-    }
-}
-
-impl HeldPool {
+impl H1Pool {
     /// A pool that opens connections with `connector` (HTTP/1.1 only).
-    pub fn new(connector: HttpsConnector<HttpConnector>) -> HeldPool {
-        HeldPool {
+    pub fn new(connector: HttpsConnector<HttpConnector>) -> H1Pool {
+        H1Pool {
             inner: Arc::new(Inner {
                 connector,
                 idle: Mutex::new(Vec::new()),
@@ -128,36 +120,23 @@ impl HeldPool {
         }
     }
 
-    /// Idle connections kept now.
+    /// Idle connections kept now that are still open.
     pub fn idle(&self) -> usize {
-        self.inner.lock_idle().len()
+        let idle = self.inner.lock_idle();
+        let open = idle.iter().flat_map(|list| &list.conns);
+        open.filter(|e| !e.conn.sender.is_closed()).count()
     }
 
-    /// Sends `request` (its URI in origin form) to `upstream` on the
-    /// connection `slot` holds, taking one from the idle list or opening one
-    /// if it holds none for that upstream. A request that a reused
+    /// Sends `request` (its URI in origin form) to `upstream` on an idle
+    /// connection, or on a new one if there is none. A request that a reused
     /// connection closed before sending is sent again once, on a new one.
     pub async fn send(
         &self,
-        slot: &Slot,
         upstream: &Upstream,
         mut request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let held = {
-            let mut held = slot.held.lock().unwrap_or_else(|p| p.into_inner());
-            match held.take() {
-                Some((conn, _)) if conn.goes_to(upstream) && !conn.sender.is_closed() => Some(conn),
-                Some((other, _)) => {
-                    // Another upstream (the client moved to another route):
-                    // give it back for others.
-                    self.inner.put(other);
-                    None
-                }
-                None => None,
-            }
-        };
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
         let mut reused = true;
-        let mut conn = match held.or_else(|| self.inner.checkout(upstream)) {
+        let mut conn = match self.inner.checkout(upstream) {
             Some(conn) => conn,
             None => {
                 reused = false;
@@ -168,11 +147,10 @@ impl HeldPool {
             .headers_mut()
             .insert(header::HOST, conn.host.clone());
         loop {
-            let ready = conn.sender.ready().await;
-            let sent = match ready {
+            let sent = match conn.sender.ready().await {
                 Ok(()) => conn.sender.try_send_request(request).await,
                 Err(err) if reused => {
-                    tracing::debug!(error = %err, "held upstream connection closed; opening another");
+                    tracing::debug!(error = %err, "idle upstream connection closed; opening another");
                     reused = false;
                     conn = self.inner.connect(upstream).await?;
                     continue;
@@ -181,13 +159,12 @@ impl HeldPool {
             };
             match sent {
                 Ok(response) => {
-                    let mut held = slot.held.lock().unwrap_or_else(|p| p.into_inner());
-                    *held = Some((conn, Arc::downgrade(&self.inner)));
-                    return Ok(response);
+                    let pool = Arc::clone(&self.inner);
+                    return Ok((response, Lease { conn, pool }));
                 }
                 Err(mut err) => match err.take_message() {
                     Some(unsent) if reused => {
-                        tracing::debug!(error = %err.error(), "held upstream connection closed before sending; opening another");
+                        tracing::debug!(error = %err.error(), "idle upstream connection closed before sending; opening another");
                         request = unsent;
                         reused = false;
                         conn = self.inner.connect(upstream).await?;
@@ -199,46 +176,108 @@ impl HeldPool {
     }
 }
 
+/// A response body that gives its connection's [`Lease`] back to the pool
+/// once it has been read to the end, and closes the connection if it is
+/// dropped before.
+pub struct Leased {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl Leased {
+    /// `lease`: `None` for a body that did not come from this pool.
+    pub fn new(inner: Incoming, lease: Option<Lease>) -> Self {
+        Leased { inner, lease }
+    }
+
+    fn give_back(&mut self) {
+        if let Some(Lease { conn, pool }) = self.lease.take() {
+            pool.put(conn);
+        }
+    }
+}
+
+impl Body for Leased {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            self.give_back();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        // The server stops polling a body once its length is reached, so
+        // "read to the end" is also a body whose remaining length is zero.
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
 impl Inner {
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<IdleList>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The most recently idled open connection to `upstream`.
     fn checkout(&self, upstream: &Upstream) -> Option<Conn> {
         let mut idle = self.lock_idle();
+        let list = idle.iter_mut().find(|list| list.is_for(upstream))?;
         let now = Instant::now();
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            if !idle[i].conn.goes_to(upstream) {
-                continue;
-            }
-            let entry = idle.swap_remove(i);
-            if entry.conn.reusable() && now.duration_since(entry.since) < POOL_IDLE_TIMEOUT {
+        while let Some(entry) = list.conns.pop() {
+            if !entry.conn.sender.is_closed() && now.duration_since(entry.since) < POOL_IDLE_TIMEOUT
+            {
                 return Some(entry.conn);
             }
             // Closed or expired: dropping it closes it.
-            i = i.min(idle.len());
         }
         None
     }
 
-    /// Keeps `conn` for another client connection if it is idle and open.
+    /// Keeps `conn` for another request if it is still open.
     fn put(self: &Arc<Self>, conn: Conn) {
-        if !conn.reusable() {
+        if conn.sender.is_closed() {
             return;
         }
         self.start_reaper();
         let mut idle = self.lock_idle();
-        let same = idle.iter().filter(|e| e.conn.goes_to_conn(&conn)).count();
-        if same >= POOL_MAX_IDLE_PER_HOST {
-            // The oldest one to that upstream makes room.
-            if let Some(oldest) = idle.iter().position(|e| e.conn.goes_to_conn(&conn)) {
-                idle.remove(oldest);
+        let at = match idle
+            .iter()
+            .position(|l| l.scheme == conn.scheme && l.authority == conn.authority)
+        {
+            Some(at) => at,
+            None => {
+                idle.push(IdleList {
+                    scheme: conn.scheme.clone(),
+                    authority: conn.authority.clone(),
+                    conns: Vec::new(),
+                });
+                idle.len() - 1
             }
+        };
+        let conns = &mut idle[at].conns;
+        if conns.len() >= POOL_MAX_IDLE_PER_HOST {
+            // The longest idle one makes room.
+            conns.remove(0);
         }
-        idle.push(Idle {
+        conns.push(Idle {
             conn,
             since: Instant::now(),
         });
@@ -247,8 +286,11 @@ impl Inner {
     /// Closes idle connections that expired or that their upstream closed.
     fn reap(&self) {
         let now = Instant::now();
-        self.lock_idle()
-            .retain(|e| e.conn.reusable() && now.duration_since(e.since) < POOL_IDLE_TIMEOUT);
+        for list in self.lock_idle().iter_mut() {
+            list.conns.retain(|e| {
+                !e.conn.sender.is_closed() && now.duration_since(e.since) < POOL_IDLE_TIMEOUT
+            });
+        }
     }
 
     fn start_reaper(self: &Arc<Self>) {
@@ -298,12 +340,6 @@ impl Inner {
             host: host_header(&upstream.scheme, &upstream.authority),
             sender,
         })
-    }
-}
-
-impl Conn {
-    fn goes_to_conn(&self, other: &Conn) -> bool {
-        self.scheme == other.scheme && self.authority == other.authority
     }
 }
 
