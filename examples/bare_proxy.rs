@@ -1,7 +1,7 @@
 //! The floor of the request path: a hyper server that forwards every request
 //! to one upstream the way stackgate does, with no checks, logs or metrics:
-//! HTTP/1.1 requests through the light HTTP/1.1 pool
-//! (`stackgate::upstream::h1pool`), h2c ones through the shared pooled client.
+//! requests through the light HTTP/1.1 pool (`stackgate::upstream::h1pool`),
+//! h2c ones included, since the upstream is plain http.
 //! `benches/load.sh` runs it as the "hyper" target so that stackgate's cost
 //! is split into what hyper and tokio cost on this machine and what
 //! stackgate adds. With `BARE_POOLED=1` every request takes the pooled
@@ -69,7 +69,7 @@ fn main() -> anyhow::Result<()> {
                     async move {
                         let (mut parts, body) = request.into_parts();
                         let body = body.collect().await?.to_bytes();
-                        let pooled = pooled_only || parts.version == http::Version::HTTP_2;
+                        let pooled = pooled_only;
                         // An h2c request goes upstream over HTTP/1.1, as stackgate sends it.
                         parts.version = http::Version::HTTP_11;
                         parts.headers.remove(http::header::HOST);

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::{PathAndQuery, Uri};
+use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
@@ -349,10 +349,11 @@ async fn forward(
         drop(guard);
         return refused(refusal, activity);
     }
-    // HTTP/1.1 requests lease an HTTP/1.1 upstream connection from the
-    // light pool; HTTP/2 ones take the shared client, which may multiplex
-    // them over h2 upstream.
-    let pooled = parts.version == Version::HTTP_2;
+    // Requests lease an HTTP/1.1 upstream connection from the light pool,
+    // except HTTP/2 ones to an https upstream: they take the shared client,
+    // which multiplexes them over h2 if the upstream offers it by ALPN.
+    // (Over plain http the shared client would speak HTTP/1.1 too.)
+    let pooled = parts.version == Version::HTTP_2 && permit.route.upstream.scheme == Scheme::HTTPS;
     let Some(upstream_request) = upstream_request(parts, &permit, conn, body, pooled) else {
         let reject = Reject::BadRequest(BadRequest::Malformed);
         return refused(permit_refusal(&permit, reject), activity);

@@ -68,8 +68,8 @@ async fn http1_requests_share_pooled_upstream_connections() {
     assert_eq!(origin.connections(), 2);
     wait_until("both connections are back", || pool.idle() == 2).await;
 
-    // HTTP/2 clients use the shared pool: their requests arrive too, with the
-    // upstream's Host.
+    // HTTP/2 streams to a plain-http upstream take the same pool (h2 upstream
+    // needs TLS), with the upstream's Host.
     let mut h2 = h2c(gw.http).await;
     let request = get(
         "cdn.test",
@@ -80,7 +80,10 @@ async fn http1_requests_share_pooled_upstream_connections() {
     assert_eq!(reply.status, 200);
     let seen = origin.last_request().unwrap();
     assert_eq!(seen.path, "/v3/h2");
+    assert_eq!(seen.version, http::Version::HTTP_11);
     assert_eq!(seen.header("host"), Some(&*origin.addr.to_string()));
+    assert_eq!(origin.connections(), 2, "an idle connection carried it");
+    wait_until("both connections are back", || pool.idle() == 2).await;
 }
 
 #[tokio::test]
@@ -200,4 +203,98 @@ async fn a_client_connection_that_changes_route_reaches_each_upstream() {
     }
     // Each upstream has its own idle list: one connection to each.
     assert_eq!((a.connections(), b.connections()), (1, 1));
+}
+
+/// A CA (its PEM) and a TLS server config for `localhost` signed by it,
+/// offering h2 and http/1.1 by ALPN.
+fn upstream_tls() -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "stackgate upstream test CA");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (ca.pem(), Arc::new(config))
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_and_reached_over_tls() {
+    let (ca_pem, server_config) = upstream_tls();
+    let origin = origin::spawn_tls_origin(server_config).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let extra = format!("[upstream]\nca_file = \"{}\"\n", ca_file.display());
+    let (gw, _cma) = gateway_to(&origin.url(), &extra).await;
+    let host = format!("localhost:{}", origin.addr.port());
+
+    // HTTP/1.1 clients: the HTTP/1.1 pool, over TLS, one connection reused.
+    let mut client = keep_alive(gw.http).await;
+    for i in 0..2 {
+        let reply = get_on(&mut client, "cdn.test", &format!("/v3/tls/{i}")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        wait_until("the connection is back in the pool", || {
+            gw.shared.h1pool.idle() == 1
+        })
+        .await;
+    }
+    assert_eq!(origin.connections(), 1);
+    for seen in origin.requests() {
+        assert_eq!(seen.version, http::Version::HTTP_11);
+        assert_eq!(seen.header("host"), Some(&*host));
+    }
+
+    // HTTP/2 clients to an https upstream: the shared client, h2 by ALPN.
+    let mut h2 = h2c(gw.http).await;
+    let request = get(
+        "cdn.test",
+        "/v3/tls/h2",
+        &[("api_key", API_KEY), ("access_token", PROD)],
+    );
+    let reply = read(h2.send_request(request).await.unwrap()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = origin.last_request().unwrap();
+    assert_eq!(seen.path, "/v3/tls/h2");
+    assert_eq!(seen.version, http::Version::HTTP_2);
+
+    // Without the private CA the upstream's certificate is not trusted: 502,
+    // on both paths, and nothing reaches the origin.
+    let (untrusting, _cma2) = gateway_to(&origin.url(), "").await;
+    let before = origin.request_count();
+    let mut client = keep_alive(untrusting.http).await;
+    let reply = get_on(&mut client, "cdn.test", "/v3/untrusted").await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(reply.reason(), "upstream_error");
+    let mut h2 = h2c(untrusting.http).await;
+    let request = get(
+        "cdn.test",
+        "/v3/untrusted",
+        &[("api_key", API_KEY), ("access_token", PROD)],
+    );
+    let reply = read(h2.send_request(request).await.unwrap()).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(origin.request_count(), before);
 }

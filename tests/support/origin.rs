@@ -124,6 +124,8 @@ impl Shared {
 /// A running fake CDA origin; stops (listener and connections) when dropped.
 pub struct Origin {
     pub addr: SocketAddr,
+    /// Serving TLS (`https://localhost:PORT`).
+    tls: bool,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 }
@@ -131,7 +133,10 @@ pub struct Origin {
 impl Origin {
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls {
+            true => format!("https://localhost:{}", self.addr.port()),
+            false => format!("http://{}", self.addr),
+        }
     }
 
     /// Every request recorded so far, in arrival order.
@@ -202,6 +207,16 @@ impl Drop for Origin {
 
 /// Starts a fake origin on `127.0.0.1:0`.
 pub async fn spawn_origin() -> Origin {
+    spawn(None).await
+}
+
+/// Starts a fake origin on `127.0.0.1:0` that serves TLS with `config`
+/// (h2 and http/1.1 by the ALPN it sets).
+pub async fn spawn_tls_origin(config: Arc<tokio_rustls::rustls::ServerConfig>) -> Origin {
+    spawn(Some(tokio_rustls::TlsAcceptor::from(config))).await
+}
+
+async fn spawn(tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("fake origin: bind 127.0.0.1:0");
@@ -212,15 +227,22 @@ pub async fn spawn_origin() -> Origin {
         changed,
     });
     let cancel = CancellationToken::new();
-    tokio::spawn(accept_loop(listener, shared.clone(), cancel.clone()));
+    let is_tls = tls.is_some();
+    tokio::spawn(accept_loop(listener, shared.clone(), cancel.clone(), tls));
     Origin {
         addr,
+        tls: is_tls,
         shared,
         cancel,
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -236,14 +258,29 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: Cancell
         shared.update(|s| s.connections += 1);
         let shared = shared.clone();
         let cancel = cancel.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let svc_cancel = cancel.clone();
             let svc = service_fn(move |req| handle(shared.clone(), svc_cancel.clone(), req));
             let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = conn => {}
-                _ = cancel.cancelled() => {}
+            match tls {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                }
+                Some(acceptor) => {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                }
             }
         });
     }
