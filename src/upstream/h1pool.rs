@@ -82,8 +82,8 @@ struct IdleList {
 }
 
 impl IdleList {
-    fn is_for(&self, upstream: &Upstream) -> bool {
-        self.scheme == upstream.scheme && self.authority == upstream.authority
+    fn is_for(&self, scheme: &Scheme, authority: &Authority) -> bool {
+        self.scheme == *scheme && self.authority == *authority
     }
 }
 
@@ -99,6 +99,13 @@ struct Conn {
 struct Idle {
     conn: Conn,
     since: Instant,
+}
+
+impl Idle {
+    /// Still open, and idle for less than [`POOL_IDLE_TIMEOUT`].
+    fn usable(&self, now: Instant) -> bool {
+        !self.conn.sender.is_closed() && now.duration_since(self.since) < POOL_IDLE_TIMEOUT
+    }
 }
 
 /// A connection leased for one request; dropped, it closes.
@@ -147,30 +154,25 @@ impl H1Pool {
             .headers_mut()
             .insert(header::HOST, conn.host.clone());
         loop {
-            let sent = match conn.sender.ready().await {
-                Ok(()) => conn.sender.try_send_request(request).await,
-                Err(err) if reused => {
-                    tracing::debug!(error = %err, "idle upstream connection closed; opening another");
+            // On failure: the request back if it was never written, and why.
+            let (unsent, err) = match conn.sender.ready().await {
+                Ok(()) => match conn.sender.try_send_request(request).await {
+                    Ok(response) => {
+                        let pool = Arc::clone(&self.inner);
+                        return Ok((response, Lease { conn, pool }));
+                    }
+                    Err(mut err) => (err.take_message(), err.into_error()),
+                },
+                Err(err) => (Some(request), err),
+            };
+            match unsent {
+                Some(unsent) if reused => {
+                    tracing::debug!(error = %err, "idle upstream connection closed before sending; opening another");
+                    request = unsent;
                     reused = false;
                     conn = self.inner.connect(upstream).await?;
-                    continue;
                 }
-                Err(err) => return Err(SendError::Request(err)),
-            };
-            match sent {
-                Ok(response) => {
-                    let pool = Arc::clone(&self.inner);
-                    return Ok((response, Lease { conn, pool }));
-                }
-                Err(mut err) => match err.take_message() {
-                    Some(unsent) if reused => {
-                        tracing::debug!(error = %err.error(), "idle upstream connection closed before sending; opening another");
-                        request = unsent;
-                        reused = false;
-                        conn = self.inner.connect(upstream).await?;
-                    }
-                    _ => return Err(SendError::Request(err.into_error())),
-                },
+                _ => return Err(SendError::Request(err)),
             }
         }
     }
@@ -239,11 +241,12 @@ impl Inner {
     /// The most recently idled open connection to `upstream`.
     fn checkout(&self, upstream: &Upstream) -> Option<Conn> {
         let mut idle = self.lock_idle();
-        let list = idle.iter_mut().find(|list| list.is_for(upstream))?;
+        let list = idle
+            .iter_mut()
+            .find(|list| list.is_for(&upstream.scheme, &upstream.authority))?;
         let now = Instant::now();
         while let Some(entry) = list.conns.pop() {
-            if !entry.conn.sender.is_closed() && now.duration_since(entry.since) < POOL_IDLE_TIMEOUT
-            {
+            if entry.usable(now) {
                 return Some(entry.conn);
             }
             // Closed or expired: dropping it closes it.
@@ -256,11 +259,10 @@ impl Inner {
         if conn.sender.is_closed() {
             return;
         }
-        self.start_reaper();
         let mut idle = self.lock_idle();
         let at = match idle
             .iter()
-            .position(|l| l.scheme == conn.scheme && l.authority == conn.authority)
+            .position(|list| list.is_for(&conn.scheme, &conn.authority))
         {
             Some(at) => at,
             None => {
@@ -287,12 +289,12 @@ impl Inner {
     fn reap(&self) {
         let now = Instant::now();
         for list in self.lock_idle().iter_mut() {
-            list.conns.retain(|e| {
-                !e.conn.sender.is_closed() && now.duration_since(e.since) < POOL_IDLE_TIMEOUT
-            });
+            list.conns.retain(|e| e.usable(now));
         }
     }
 
+    /// Started with the first connection, so that an idle gateway runs no
+    /// timer and the request path never checks.
     fn start_reaper(self: &Arc<Self>) {
         use std::sync::atomic::Ordering;
         if self.reaper_started.swap(true, Ordering::AcqRel) {
@@ -312,7 +314,8 @@ impl Inner {
         });
     }
 
-    async fn connect(&self, upstream: &Upstream) -> Result<Conn, SendError> {
+    async fn connect(self: &Arc<Self>, upstream: &Upstream) -> Result<Conn, SendError> {
+        self.start_reaper();
         let uri = Uri::builder()
             .scheme(upstream.scheme.clone())
             .authority(upstream.authority.clone())
