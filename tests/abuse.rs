@@ -680,33 +680,6 @@ async fn a_huge_h2_header_list_is_refused_and_not_forwarded() {
     assert_serves(addr, "after a huge header list").await;
 }
 
-/// A raw TCP "origin" that reads a request head and answers `reply`, then
-/// closes.
-async fn garbage_origin(reply: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(reply).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    (addr, task)
-}
-
 /// Sends `request` and reads the body; the status and the body, or the
 /// body's error. Panics on a hang.
 async fn send_lenient(
@@ -736,13 +709,14 @@ async fn send_lenient(
 #[tokio::test]
 async fn faulty_origins_fail_cleanly_without_leaks() {
     let _serial = SERIAL.lock().await;
-    let (short, short_task) =
-        garbage_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc").await;
-    let (noise, noise_task) = garbage_origin(b"\x00\xff\x13garbage \x7f\r\n\x01\r\n\r\n").await;
+    let short = raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc").await;
+    let noise = raw_origin(b"\x00\xff\x13garbage \x7f\r\n\x01\r\n\r\n").await;
     let extra = format!(
         "[upstream]\nrequest_timeout = \"300ms\"\n\n\
          [[routes]]\nkind = \"delivery\"\nhosts = [\"short.test\"]\nupstream = \"http://{short}\"\n\n\
-         [[routes]]\nkind = \"delivery\"\nhosts = [\"noise.test\"]\nupstream = \"http://{noise}\"\n"
+         [[routes]]\nkind = \"delivery\"\nhosts = [\"noise.test\"]\nupstream = \"http://{noise}\"\n",
+        short = short.addr,
+        noise = noise.addr,
     );
     let w = world_with(&extra).await;
     let addr = w.gateway.http;
@@ -819,8 +793,8 @@ async fn faulty_origins_fail_cleanly_without_leaks() {
 
     // Nothing left behind, and other routes unaffected.
     assert_serves(addr, "after the faults").await;
-    short_task.abort();
-    noise_task.abort();
+    short.task.abort();
+    noise.task.abort();
     wait_for_fds(fds_before, 8, Duration::from_secs(20)).await;
     let reply = timeout(
         PROMPT,

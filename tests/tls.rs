@@ -15,11 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SerialNumber,
-};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ProtocolVersion, SupportedProtocolVersion};
+use support::pki::{Leaf, Pki};
 use support::*;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,62 +32,6 @@ const STEP: Duration = Duration::from_secs(10);
 /// How long a certificate change may take to show (the reloader checks every
 /// `TLS_RELOAD_INTERVAL`, 5 s).
 const RELOAD_DEADLINE: Duration = Duration::from_secs(15);
-
-// ---------------------------------------------------------------------------
-// A test PKI
-// ---------------------------------------------------------------------------
-
-/// A test CA that signs server certificates for `localhost` and `127.0.0.1`.
-struct Pki {
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
-}
-
-/// A server certificate and its key.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let ca_key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "stackgate test CA");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = params.self_signed(&ca_key).unwrap();
-        Pki { ca, ca_key }
-    }
-
-    fn ca_der(&self) -> CertificateDer<'static> {
-        self.ca.der().clone()
-    }
-
-    /// A fresh key and a certificate for it with serial `serial`.
-    fn leaf(&self, serial: u64) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        params.serial_number = Some(SerialNumber::from(serial));
-        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
-    }
-}
 
 /// Writes `contents` to a temporary file beside `path`, then renames it over
 /// `path`: a reader sees the old file or the new one, never half of one.

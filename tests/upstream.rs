@@ -7,16 +7,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// A kept-alive HTTP/1.1 client connection to the gateway.
 async fn keep_alive(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
@@ -26,9 +24,17 @@ async fn keep_alive(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
     sender
 }
 
+/// The production token's credentials, which every route here allows.
+const AUTH: [(&str, &str); 2] = [("api_key", API_KEY), ("access_token", PROD)];
+
+/// A GET on `cdn.test` with [`AUTH`].
+fn allowed(path: &str) -> http::Request<Full<Bytes>> {
+    get("cdn.test", path, &AUTH)
+}
+
 async fn get_on(sender: &mut http1::SendRequest<Full<Bytes>>, host: &str, path: &str) -> Reply {
     sender.ready().await.unwrap();
-    let request = get(host, path, &[("api_key", API_KEY), ("access_token", PROD)]);
+    let request = get(host, path, &AUTH);
     read(sender.send_request(request).await.unwrap()).await
 }
 
@@ -71,11 +77,7 @@ async fn http1_requests_share_pooled_upstream_connections() {
     // HTTP/2 streams to a plain-http upstream take the same pool (h2 upstream
     // needs TLS), with the upstream's Host.
     let mut h2 = h2c(gw.http).await;
-    let request = get(
-        "cdn.test",
-        "/v3/h2",
-        &[("api_key", API_KEY), ("access_token", PROD)],
-    );
+    let request = allowed("/v3/h2");
     let reply = read(h2.send_request(request).await.unwrap()).await;
     assert_eq!(reply.status, 200);
     let seen = origin.last_request().unwrap();
@@ -93,11 +95,7 @@ async fn a_response_cut_off_mid_body_closes_its_upstream_connection() {
     let pool = &gw.shared.h1pool;
 
     let mut client = keep_alive(gw.http).await;
-    let request = get(
-        "cdn.test",
-        "/stream?chunks=200&interval_ms=20",
-        &[("api_key", API_KEY), ("access_token", PROD)],
-    );
+    let request = allowed("/stream?chunks=200&interval_ms=20");
     let response = client.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     origin.wait_for_streams_started(1).await;
@@ -114,43 +112,16 @@ async fn a_response_cut_off_mid_body_closes_its_upstream_connection() {
     wait_until("that one is back in the pool", || pool.idle() == 1).await;
 }
 
-/// An origin that answers one request per connection, then closes it
-/// without saying so (no `connection: close`), as an origin whose
-/// keep-alive timeout fired would.
-async fn closing_origin() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let closed = Arc::new(AtomicUsize::new(0));
-    let (a, c) = (Arc::clone(&accepted), Arc::clone(&closed));
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            a.fetch_add(1, Ordering::SeqCst);
-            let c = Arc::clone(&c);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let response = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
-                let _ = stream.write_all(response.as_bytes()).await;
-                let _ = stream.shutdown().await;
-                drop(stream);
-                c.fetch_add(1, Ordering::SeqCst);
-            });
-        }
-    });
-    (addr, accepted, closed)
-}
-
 #[tokio::test]
 async fn an_upstream_connection_the_origin_closed_is_replaced() {
-    let (addr, accepted, closed) = closing_origin().await;
-    let (gw, _cma) = gateway_to(&format!("http://{addr}"), "").await;
+    // One answer per connection, then a close without saying so (no
+    // `connection: close`), as an origin whose keep-alive timeout fired.
+    let origin = raw_origin(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+    )
+    .await;
+    let (accepted, closed) = (&origin.accepted, &origin.closed);
+    let (gw, _cma) = gateway_to(&format!("http://{}", origin.addr), "").await;
     let mut client = keep_alive(gw.http).await;
     for i in 1..=4 {
         let reply = get_on(&mut client, "cdn.test", "/v3/entries").await;
@@ -205,48 +176,14 @@ async fn a_client_connection_that_changes_route_reaches_each_upstream() {
     assert_eq!((a.connections(), b.connections()), (1, 1));
 }
 
-/// A CA (its PEM) and a TLS server config for `localhost` signed by it,
-/// offering h2 and http/1.1 by ALPN.
-fn upstream_tls() -> (String, Arc<rustls::ServerConfig>) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "stackgate upstream test CA");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca = params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        )
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    (ca.pem(), Arc::new(config))
-}
-
 #[tokio::test]
 async fn https_upstreams_are_verified_and_reached_over_tls() {
-    let (ca_pem, server_config) = upstream_tls();
+    let pki = pki::Pki::new();
+    let server_config = pki.leaf(1).server_config(&[b"h2", b"http/1.1"]);
     let origin = origin::spawn_tls_origin(server_config).await;
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("upstream-ca.pem");
-    std::fs::write(&ca_file, ca_pem).unwrap();
+    std::fs::write(&ca_file, pki.ca_pem()).unwrap();
     let extra = format!("[upstream]\nca_file = \"{}\"\n", ca_file.display());
     let (gw, _cma) = gateway_to(&origin.url(), &extra).await;
     let host = format!("localhost:{}", origin.addr.port());
@@ -269,11 +206,7 @@ async fn https_upstreams_are_verified_and_reached_over_tls() {
 
     // HTTP/2 clients to an https upstream: the shared client, h2 by ALPN.
     let mut h2 = h2c(gw.http).await;
-    let request = get(
-        "cdn.test",
-        "/v3/tls/h2",
-        &[("api_key", API_KEY), ("access_token", PROD)],
-    );
+    let request = allowed("/v3/tls/h2");
     let reply = read(h2.send_request(request).await.unwrap()).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = origin.last_request().unwrap();
@@ -289,11 +222,7 @@ async fn https_upstreams_are_verified_and_reached_over_tls() {
     assert_eq!(reply.status, 502, "{}", reply.text());
     assert_eq!(reply.reason(), "upstream_error");
     let mut h2 = h2c(untrusting.http).await;
-    let request = get(
-        "cdn.test",
-        "/v3/untrusted",
-        &[("api_key", API_KEY), ("access_token", PROD)],
-    );
+    let request = allowed("/v3/untrusted");
     let reply = read(h2.send_request(request).await.unwrap()).await;
     assert_eq!(reply.status, 502, "{}", reply.text());
     assert_eq!(origin.request_count(), before);

@@ -4,6 +4,7 @@
 
 pub mod cma;
 pub mod origin;
+pub mod pki;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -345,4 +346,51 @@ pub fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
 /// Everything logged so far.
 pub fn logs() -> String {
     String::from_utf8_lossy(&capture_logs().lock().unwrap()).into_owned()
+}
+
+/// A raw TCP "origin": on each connection it reads one request head, writes
+/// `reply` as it is, and closes. It counts connections accepted and closed.
+pub struct RawOrigin {
+    pub addr: SocketAddr,
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    pub closed: Arc<std::sync::atomic::AtomicUsize>,
+    /// The accept loop; aborting it closes the listener.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a [`RawOrigin`] on `127.0.0.1:0`.
+pub async fn raw_origin(reply: &'static [u8]) -> RawOrigin {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (a, c) = (Arc::clone(&accepted), Arc::clone(&closed));
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let c = Arc::clone(&c);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(reply).await;
+                let _ = stream.shutdown().await;
+                drop(stream);
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    RawOrigin {
+        addr,
+        accepted,
+        closed,
+        task,
+    }
 }
