@@ -10,8 +10,9 @@
 # - nginx: a plain reverse proxy to the origin (proxy_pass, HTTP/1.1 upstream
 #   keep-alive), on an HTTP/1.1 port, an h2c (prior knowledge) port and a TLS port;
 # - hyper: examples/bare_proxy.rs, a hyper server forwarding every request
-#   through the same pooled hyper client stackgate uses, with no checks, logs
-#   or metrics: the floor of a hyper-based proxy on this machine (h1, h2c);
+#   through the HTTP/1.1 pool stackgate uses, on the same runtime, with an
+#   access line per request like nginx's and no checks or metrics: the floor
+#   of a hyper-based proxy doing nginx's work on this machine (h1, h2c);
 # - stackgate (release build) with a tokens_file of TOKENS (100,000) generated
 #   tokens, one delivery route to the origin, plain (HTTP/1.1 + h2c) and TLS
 #   listeners. Every request carries api_key and a valid access_token (wrk
@@ -29,8 +30,9 @@
 # - h2c:     h2load, prior knowledge, H2_CONNS connections x H2_STREAMS streams
 # - tls:     wrk over https (TLS 1.3, self-signed ECDSA P-256), CONNS connections
 #
-# Both proxies write an access log line per request (nginx to a file,
-# stackgate to stderr redirected to a file); ACCESS_LOG=off turns both off.
+# All three proxies write an access log line per request (nginx to a file,
+# stackgate and the bare proxy to stderr redirected to a file);
+# ACCESS_LOG=off turns them all off.
 # With LIMITS=on (the default) stackgate has every rate limit of
 # [stacks.limits] configured (row 15 runs for each request), set high enough
 # never to refuse; LIMITS=off leaves them out.
@@ -337,7 +339,9 @@ wait_for "http://127.0.0.1:$P_ORIGIN/" origin
 start_nginx nginx "$PROXY_CPU"
 PROXY_WORKER=$NGINX_WORKER
 wait_for "http://127.0.0.1:$P_NGINX/" nginx
-taskset -c "$PROXY_CPU" "$BARE" "127.0.0.1:$P_HYPER" "http://127.0.0.1:$P_ORIGIN" &
+BARE_LOG=""
+[[ $ACCESS_LOG == on ]] && BARE_LOG=1
+BARE_ACCESS_LOG=$BARE_LOG taskset -c "$PROXY_CPU" "$BARE" "127.0.0.1:$P_HYPER" "http://127.0.0.1:$P_ORIGIN" 2>"$OUT/hyper-access.log" &
 HYPER_PID=$!
 PIDS+=("$HYPER_PID")
 wait_for "http://127.0.0.1:$P_HYPER/" "the bare hyper proxy"

@@ -6,6 +6,9 @@
 //! is split into what hyper and tokio cost on this machine and what
 //! stackgate adds. With `BARE_POOLED=1` every request takes the pooled
 //! client (how stackgate forwarded HTTP/1.1 before the HTTP/1.1 pool).
+//! With `BARE_ACCESS_LOG=1` it writes one access line per request to stderr
+//! (time, method, path, status), one `write` each, as nginx's `access_log`
+//! does: the floor of a proxy doing what nginx does in `benches/load.sh`.
 //!
 //! Run: `cargo run --release --example bare_proxy -- 127.0.0.1:8080 http://127.0.0.1:8081`
 
@@ -33,9 +36,8 @@ fn main() -> anyhow::Result<()> {
         .next()
         .unwrap_or("http://127.0.0.1:8081".into())
         .parse()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // The same runtime as stackgate's: single-threaded when pinned to one CPU.
+    let runtime = stackgate::runtime()?;
     runtime.block_on(async move {
         let client = stackgate::upstream::build_client(Duration::from_secs(1), None)?;
         let h1pool = H1Pool::new(stackgate::upstream::connector(
@@ -54,6 +56,7 @@ fn main() -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("the upstream needs an authority"))?,
         });
         let pooled_only = std::env::var_os("BARE_POOLED").is_some();
+        let access_log = std::env::var_os("BARE_ACCESS_LOG").is_some_and(|v| !v.is_empty());
         let listener = TcpListener::bind(listen).await?;
         loop {
             let (stream, _) = listener.accept().await?;
@@ -69,6 +72,7 @@ fn main() -> anyhow::Result<()> {
                     async move {
                         let (mut parts, body) = request.into_parts();
                         let body = body.collect().await?.to_bytes();
+                        let logged = access_log.then(|| (parts.method.clone(), parts.uri.clone()));
                         let pooled = pooled_only;
                         // An h2c request goes upstream over HTTP/1.1, as stackgate sends it.
                         parts.version = http::Version::HTTP_11;
@@ -76,6 +80,9 @@ fn main() -> anyhow::Result<()> {
                         if !pooled {
                             let request = Request::from_parts(parts, Full::new(body));
                             let (response, lease) = h1pool.send(&target, request).await?;
+                            if let Some((method, uri)) = logged {
+                                log_line(&method, &uri, response.status());
+                            }
                             let response = response.map(|body| Leased::new(body, Some(lease)));
                             return Ok::<Response<Leased>, anyhow::Error>(response);
                         }
@@ -95,4 +102,19 @@ fn main() -> anyhow::Result<()> {
             });
         }
     })
+}
+
+/// One access line, written with one `write` (stderr is unbuffered).
+fn log_line(method: &http::Method, uri: &hyper::Uri, status: http::StatusCode) {
+    use std::io::Write;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let line = format!(
+        "{}.{:06} {method} {uri} {}\n",
+        now.as_secs(),
+        now.subsec_micros(),
+        status.as_u16()
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }

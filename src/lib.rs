@@ -44,3 +44,19 @@ pub mod sessions;
 pub mod upstream;
 
 pub use app::{Gateway, Shared};
+
+/// The runtime the binary (and `examples/bare_proxy.rs`) runs on: one worker
+/// per CPU the process may use (its affinity mask and cgroup quota, as
+/// `available_parallelism` reads them). With one CPU, the single-threaded
+/// scheduler: the work-stealing one would only add its queues and atomics
+/// around the same one thread, about a tenth of a request's CPU in
+/// `benches/load.sh` (BENCHMARKS.md, fourth session).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()
+}

@@ -106,10 +106,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")
+    stackgate::runtime().context("starting the runtime")
 }
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {

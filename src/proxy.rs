@@ -334,7 +334,10 @@ async fn forward(
     activity: ActivityGuard,
 ) -> Result<Response<Body>, Aborted> {
     let refused = |refusal, activity| Ok(finish(refuse(shared, parts, refusal, started), activity));
-    let body = match read_body(body, shared.config.server.max_body_bytes).await {
+    // A body to read (GraphQL POSTs) is read by a future on the heap, so that
+    // the request future stays small for the bodiless GETs (see
+    // `upstream::h1pool::Inner::connect_boxed`).
+    let body = match Box::pin(read_body(body, shared.config.server.max_body_bytes)).await {
         Ok(body) => body,
         Err(BodyError::TooLarge) => {
             let reject = Reject::BadRequest(BadRequest::BodyTooLarge);

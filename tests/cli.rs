@@ -558,6 +558,15 @@ struct Gateway {
 }
 
 async fn run_gateway(origin: &Origin, log_args: &[&str]) -> Gateway {
+    run_gateway_with(origin, log_args, |_| {}).await
+}
+
+/// [`run_gateway`], with `configure` applied to the command before it starts.
+async fn run_gateway_with(
+    origin: &Origin,
+    log_args: &[&str],
+    configure: impl FnOnce(&mut Command),
+) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.json");
     let list = serde_json::json!({ "tokens": standard_tokens() });
@@ -574,6 +583,7 @@ async fn run_gateway(origin: &Origin, log_args: &[&str]) -> Gateway {
         .arg(&config)
         .args(log_args)
         .current_dir(dir.path());
+    configure(&mut command);
     let mut proc = Proc::spawn(command);
     let http = listening(&mut proc.stderr, "http").await;
     let admin = listening(&mut proc.stderr, "admin").await;
@@ -775,6 +785,99 @@ async fn run_logs_text_access_lines_by_default() {
     for line in gw.proc.stderr.until_end().await {
         assert_no_secrets(line);
     }
+}
+
+/// Restricts the command's process to one CPU, the first it may use now,
+/// as `taskset -c N` or a one-core cgroup quota would.
+fn confine_to_one_cpu(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `cpu_set_t` is plain data; zeroed is an empty set.
+    let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `allowed` is a valid, writable set of `size` bytes.
+    let got = unsafe { libc::sched_getaffinity(0, size, &mut allowed) };
+    assert_eq!(got, 0, "sched_getaffinity failed");
+    let first = (0..libc::CPU_SETSIZE as usize)
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &allowed) })
+        .unwrap();
+    // SAFETY: as above.
+    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(first, &mut one) };
+    // SAFETY: the closure only makes one async-signal-safe system call.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::sched_setaffinity(0, size, &one) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// On one CPU the binary runs tokio's single-threaded scheduler (README,
+/// "Threads"). Everything must still work there: loading the tokens file
+/// (a blocking task), forwarding, refusing, the admin API, draining on
+/// SIGTERM with a request in flight. Code that only works on the
+/// work-stealing scheduler (`block_in_place`, a busy wait on another task)
+/// fails here.
+#[tokio::test]
+async fn run_confined_to_one_cpu_serves_refuses_and_drains() {
+    let origin = spawn_origin().await;
+    let mut gw = run_gateway_with(&origin, &[], confine_to_one_cpu).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.proc.child.id())).unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    assert!(allowed.parse::<usize>().is_ok(), "not one CPU: {allowed}");
+
+    for _ in 0..3 {
+        let reply = send(
+            gw.http,
+            get("cdn.test", "/v3/entries", &[SITE, ("access_token", PROD)]),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let refused = send(
+        gw.http,
+        get(
+            "cdn.test",
+            "/v3/entries",
+            &[SITE, ("access_token", UNKNOWN)],
+        ),
+    )
+    .await;
+    assert_eq!(
+        (refused.status.as_u16(), refused.reason()),
+        (401, "invalid_token")
+    );
+    let metrics = send(gw.admin, get("admin", "/metrics", &[])).await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.text().contains("stackgate_requests_total"),
+        "{}",
+        metrics.text()
+    );
+
+    assert_eq!(origin.request_count(), 3, "the refusal was not forwarded");
+
+    // A request in flight when SIGTERM comes still completes.
+    let slow = tokio::spawn(send(
+        gw.http,
+        get("cdn.test", "/slow?ms=300", &[SITE, ("access_token", PROD)]),
+    ));
+    origin.wait_for_requests(4).await;
+    let signalled = Instant::now();
+    gw.proc.signal("TERM");
+    let slow = slow
+        .await
+        .expect("the request in flight at SIGTERM completes");
+    assert_eq!(slow.status, 200, "{}", slow.text());
+    let status = gw.proc.exit_by(signalled + GRACE).await;
+    assert!(status.success(), "exit status {status}");
 }
 
 // ---------------------------------------------------------------------------

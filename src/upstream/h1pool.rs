@@ -15,6 +15,7 @@
 //! client, which may speak h2 upstream.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -147,7 +148,7 @@ impl H1Pool {
             Some(conn) => conn,
             None => {
                 reused = false;
-                self.inner.connect(upstream).await?
+                self.inner.connect_boxed(upstream).await?
             }
         };
         request
@@ -170,7 +171,7 @@ impl H1Pool {
                     tracing::debug!(error = %err, "idle upstream connection closed before sending; opening another");
                     request = unsent;
                     reused = false;
-                    conn = self.inner.connect(upstream).await?;
+                    conn = self.inner.connect_boxed(upstream).await?;
                 }
                 _ => return Err(SendError::Request(err)),
             }
@@ -312,6 +313,17 @@ impl Inner {
                 }
             }
         });
+    }
+
+    /// [`Inner::connect`] on the heap: connecting is rare (the pool reuses
+    /// connections) and its future is large, and a future awaited inline
+    /// makes every `send` future, and the request future around it, that
+    /// large, to be moved on every request.
+    fn connect_boxed<'a>(
+        self: &'a Arc<Self>,
+        upstream: &'a Upstream,
+    ) -> Pin<Box<dyn Future<Output = Result<Conn, SendError>> + Send + 'a>> {
+        Box::pin(self.connect(upstream))
     }
 
     async fn connect(self: &Arc<Self>, upstream: &Upstream) -> Result<Conn, SendError> {
