@@ -18,9 +18,9 @@
 #   listeners. Every request carries api_key and a valid access_token (wrk
 #   cycles through TOKEN_SAMPLE tokens spread over the registry; h2load sends one).
 #
-# Pinning (2 cores): the proxy under test (nginx's one worker, or stackgate,
-# whose runtime then sizes itself to one worker thread) on core 1; the origin
-# and the load generator share core 0. "direct" is wrk straight at the origin.
+# Pinning (2 cores): the proxy under test (nginx's one worker, or stackgate
+# and the bare proxy, which then run tokio's single-threaded scheduler) on
+# core 1; the origin and the load generator share core 0. "direct" is wrk straight at the origin.
 #
 # Modes (each target in turn, runs interleaved; each figure is the median of RUNS;
 # CPU per request is the user and system time of the proxy process (for
