@@ -93,6 +93,9 @@ fn main() -> anyhow::Result<()> {
                         let response = client
                             .request(Request::from_parts(parts, Full::new(body)))
                             .await?;
+                        if let Some((method, uri)) = logged {
+                            log_line(&method, &uri, response.status());
+                        }
                         Ok(response.map(|body| Leased::new(body, None)))
                     }
                 });

@@ -49,8 +49,8 @@ pub use app::{Gateway, Shared};
 /// per CPU the process may use (its affinity mask and cgroup quota, as
 /// `available_parallelism` reads them). With one CPU, the single-threaded
 /// scheduler: the work-stealing one would only add its queues and atomics
-/// around the same one thread, about a tenth of a request's CPU in
-/// `benches/load.sh` (BENCHMARKS.md, fourth session).
+/// around the same one thread (the single-threaded one serves about 16% more
+/// requests per second on one core; BENCHMARKS.md, fourth session).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut builder = if cpus == 1 {

@@ -798,9 +798,10 @@ fn confine_to_one_cpu(command: &mut Command) {
     let got = unsafe { libc::sched_getaffinity(0, size, &mut allowed) };
     assert_eq!(got, 0, "sched_getaffinity failed");
     let first = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below `CPU_SETSIZE`, the set's capacity.
         .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &allowed) })
         .unwrap();
-    // SAFETY: as above.
+    // SAFETY: as for `allowed`; `first` is below `CPU_SETSIZE`.
     let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     unsafe { libc::CPU_SET(first, &mut one) };
     // SAFETY: the closure only makes one async-signal-safe system call.
@@ -867,7 +868,7 @@ async fn run_confined_to_one_cpu_serves_refuses_and_drains() {
     // A request in flight when SIGTERM comes still completes.
     let slow = tokio::spawn(send(
         gw.http,
-        get("cdn.test", "/slow?ms=300", &[SITE, ("access_token", PROD)]),
+        get("cdn.test", "/slow?ms=800", &[SITE, ("access_token", PROD)]),
     ));
     origin.wait_for_requests(4).await;
     let signalled = Instant::now();
