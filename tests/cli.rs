@@ -643,26 +643,39 @@ async fn json_access_line(stderr: &mut Lines, id: &str) -> Value {
     json
 }
 
+/// A delivery GET of `/v3/entries` on the website stack with `token`.
+fn entries(token: &str) -> Request<Full<Bytes>> {
+    get("cdn.test", "/v3/entries", &[SITE, ("access_token", token)])
+}
+
+/// SIGTERM with a slow request in flight: the request completes, then the
+/// process exits 0 within the grace period.
+async fn drain_with_a_slow_request(gw: &mut Gateway, origin: &Origin) {
+    let before = origin.request_count();
+    let slow = tokio::spawn(send(
+        gw.http,
+        get("cdn.test", "/slow?ms=800", &[SITE, ("access_token", PROD)]),
+    ));
+    origin.wait_for_requests(before + 1).await;
+    let signalled = Instant::now();
+    gw.proc.signal("TERM");
+    let slow = slow
+        .await
+        .expect("the request in flight at SIGTERM completes");
+    assert_eq!(slow.status, 200, "{}", slow.text());
+    assert_eq!(slow.text(), r#"{"slow":true}"#);
+    let status = gw.proc.exit_by(signalled + GRACE).await;
+    assert!(status.success(), "exit status {status}");
+}
+
 #[tokio::test]
 async fn run_logs_json_access_lines_and_drains_on_sigterm() {
     let origin = spawn_origin().await;
     let mut gw = run_gateway(&origin, &["--log-format", "json"]).await;
 
-    let allowed = send(
-        gw.http,
-        get("cdn.test", "/v3/entries", &[SITE, ("access_token", PROD)]),
-    )
-    .await;
+    let allowed = send(gw.http, entries(PROD)).await;
     assert_eq!(allowed.status, 200, "{}", allowed.text());
-    let unknown = send(
-        gw.http,
-        get(
-            "cdn.test",
-            "/v3/entries",
-            &[SITE, ("access_token", UNKNOWN)],
-        ),
-    )
-    .await;
+    let unknown = send(gw.http, entries(UNKNOWN)).await;
     assert_eq!(
         (unknown.status.as_u16(), unknown.reason()),
         (401, "invalid_token")
@@ -705,21 +718,7 @@ async fn run_logs_json_access_lines_and_drains_on_sigterm() {
     assert_eq!(field(&line, "status"), 422, "{line}");
     assert_eq!(field(&line, "reason"), "branch_out_of_scope", "{line}");
 
-    // SIGTERM with a slow request in flight: it completes, then the process exits 0.
-    let slow = tokio::spawn(send(
-        gw.http,
-        get("cdn.test", "/slow?ms=800", &[SITE, ("access_token", PROD)]),
-    ));
-    origin.wait_for_requests(2).await;
-    let signalled = Instant::now();
-    gw.proc.signal("TERM");
-    let slow = slow
-        .await
-        .expect("the request in flight at SIGTERM completes");
-    assert_eq!(slow.status, 200, "{}", slow.text());
-    assert_eq!(slow.text(), r#"{"slow":true}"#);
-    let status = gw.proc.exit_by(signalled + GRACE).await;
-    assert!(status.success(), "exit status {status}");
+    drain_with_a_slow_request(&mut gw, &origin).await;
 
     let lines = gw.proc.stderr.until_end().await;
     for line in lines {
@@ -743,11 +742,7 @@ async fn run_logs_json_access_lines_and_drains_on_sigterm() {
 async fn run_logs_text_access_lines_by_default() {
     let origin = spawn_origin().await;
     let mut gw = run_gateway(&origin, &[]).await;
-    let reply = send(
-        gw.http,
-        get("cdn.test", "/v3/entries", &[SITE, ("access_token", PROD)]),
-    )
-    .await;
+    let reply = send(gw.http, entries(PROD)).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let refused = send(
         gw.http,
@@ -835,22 +830,10 @@ async fn run_confined_to_one_cpu_serves_refuses_and_drains() {
     assert!(allowed.parse::<usize>().is_ok(), "not one CPU: {allowed}");
 
     for _ in 0..3 {
-        let reply = send(
-            gw.http,
-            get("cdn.test", "/v3/entries", &[SITE, ("access_token", PROD)]),
-        )
-        .await;
+        let reply = send(gw.http, entries(PROD)).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
-    let refused = send(
-        gw.http,
-        get(
-            "cdn.test",
-            "/v3/entries",
-            &[SITE, ("access_token", UNKNOWN)],
-        ),
-    )
-    .await;
+    let refused = send(gw.http, entries(UNKNOWN)).await;
     assert_eq!(
         (refused.status.as_u16(), refused.reason()),
         (401, "invalid_token")
@@ -864,21 +847,7 @@ async fn run_confined_to_one_cpu_serves_refuses_and_drains() {
     );
 
     assert_eq!(origin.request_count(), 3, "the refusal was not forwarded");
-
-    // A request in flight when SIGTERM comes still completes.
-    let slow = tokio::spawn(send(
-        gw.http,
-        get("cdn.test", "/slow?ms=800", &[SITE, ("access_token", PROD)]),
-    ));
-    origin.wait_for_requests(4).await;
-    let signalled = Instant::now();
-    gw.proc.signal("TERM");
-    let slow = slow
-        .await
-        .expect("the request in flight at SIGTERM completes");
-    assert_eq!(slow.status, 200, "{}", slow.text());
-    let status = gw.proc.exit_by(signalled + GRACE).await;
-    assert!(status.success(), "exit status {status}");
+    drain_with_a_slow_request(&mut gw, &origin).await;
 }
 
 // ---------------------------------------------------------------------------
