@@ -335,9 +335,14 @@ async fn forward(
 ) -> Result<Response<Body>, Aborted> {
     let refused = |refusal, activity| Ok(finish(refuse(shared, parts, refusal, started), activity));
     // A body to read (GraphQL POSTs) is read by a future on the heap, so that
-    // the request future stays small for the bodiless GETs (see
-    // `upstream::h1pool::Inner::connect_boxed`).
-    let body = match Box::pin(read_body(body, shared.config.server.max_body_bytes)).await {
+    // the request future stays small, and bodiless GETs allocate nothing
+    // for it (see `upstream::h1pool::Inner::connect_boxed`).
+    let read = if body.is_end_stream() {
+        Ok(Bytes::new())
+    } else {
+        Box::pin(read_body(body, shared.config.server.max_body_bytes)).await
+    };
+    let body = match read {
         Ok(body) => body,
         Err(BodyError::TooLarge) => {
             let reject = Reject::BadRequest(BadRequest::BodyTooLarge);
@@ -473,9 +478,6 @@ enum BodyError {
 
 /// Reads a request body up to `max` bytes (GraphQL queries; GETs have none).
 async fn read_body(body: Incoming, max: u64) -> Result<Bytes, BodyError> {
-    if body.is_end_stream() {
-        return Ok(Bytes::new());
-    }
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
