@@ -848,6 +848,9 @@ async fn run_confined_to_one_cpu_serves_refuses_and_drains() {
 
     assert_eq!(origin.request_count(), 3, "the refusal was not forwarded");
     drain_with_a_slow_request(&mut gw, &origin).await;
+    for line in gw.proc.stderr.until_end().await {
+        assert_no_secrets(line);
+    }
 }
 
 // ---------------------------------------------------------------------------
