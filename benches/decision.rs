@@ -1,4 +1,4 @@
-//! The decision path (issue 7): what `decision::decide` costs per request with
+//! The decision path: what `decision::decide` costs per request with
 //! 1k, 100k and 1M tokens in a stack's registry, what a registry swap of 100k
 //! tokens costs, and how much memory a registered token takes.
 //!
@@ -59,6 +59,7 @@ use governor::clock::DefaultClock;
 use stackgate::config::{LimitSettings, RateLimit, RegistrySettings, Source};
 use stackgate::decision::{decide, Decision, ACCESS_TOKEN};
 use stackgate::limits::{Limits, MAX_TRACKED_IPS};
+use stackgate::registry::diff::next;
 use stackgate::registry::{
     Digest, Environment, Lookup, Registry, Scope, StackRegistry, Stacks, Token,
 };
@@ -380,9 +381,9 @@ fn bench_swap(c: &mut Criterion) {
         b.iter_batched(
             || listed.clone(),
             |listed| {
-                let (next, diff) = current.next(listed, 2).unwrap();
+                let (version, diff) = next(&current, listed, 2).unwrap();
                 assert_eq!(diff.changed.len(), 1);
-                next
+                version
             },
             BatchSize::LargeInput,
         )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Request-path load test (issue 7): stackgate against nginx as a plain
+# Request-path load test: stackgate against nginx as a plain
 # reverse proxy, on one machine, everything on 127.0.0.1.
 #
 #   bash benches/load.sh                 # 3 runs of 10 s per target and mode (~8 min)

@@ -1,4 +1,4 @@
-//! Revocation at scale (issue 4): opens 10,000 sessions of one token and
+//! Revocation at scale: opens 10,000 sessions of one token and
 //! 1,000 of others through the release binary, revokes the one through the
 //! admin API, and reports how long until the last of its sessions was closed
 //! and that no other session was touched.
@@ -124,7 +124,7 @@ max_staleness = "0"
         .env(
             "RUST_LOG",
             std::env::var("BENCH_GATEWAY_LOG")
-                .unwrap_or_else(|_| "warn,stackgate::app=info".into()),
+                .unwrap_or_else(|_| "warn,stackgate::state=info".into()),
         )
         .stderr(Stdio::piped())
         .spawn()

@@ -1,4 +1,4 @@
-//! Soak (issue 8): load through the release gateway for a set time while its
+//! Soak: load through the release gateway for a set time while its
 //! registry changes every 100 ms, every answer checked against the registry.
 //!
 //! ```sh

@@ -1,4 +1,4 @@
-//! The floor under revocation at scale (issue 4): how long this machine takes
+//! The floor under revocation at scale: how long this machine takes
 //! to cut off N idle loopback TCP connections with a reset, and for a tokio
 //! client holding the other ends to see every one of them close, when no
 //! gateway logic runs at all.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::AUTHORIZATION;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -16,10 +16,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::age_secs;
-use crate::registry::snapshot::unix_secs;
+use crate::registry::snapshot::{age_secs, unix_secs};
 use crate::response::{self, Body};
-use crate::Shared;
+use crate::state::Shared;
 
 /// How long an admin revocation waits for its snapshot write before answering.
 pub const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -70,24 +69,26 @@ pub async fn handle(
     let response = match (&method, path.as_str()) {
         (&Method::GET, "/metrics") => {
             shared.sessions.export();
-            text(
+            response::text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
                 shared.metrics.render(),
             )
         }
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        (&Method::GET, "/healthz") => {
+            response::text(StatusCode::OK, "text/plain", "ok\n".to_owned())
+        }
         (&Method::GET, "/readyz") => readyz(&shared),
         (_, p) if p.starts_with("/admin/") => {
             if !authorized(&shared, &request) {
-                return Ok(error(
+                return Ok(response::admin_error(
                     StatusCode::UNAUTHORIZED,
                     "A valid admin bearer token is required.",
                 ));
             }
             admin(&shared, &method, p, request.uri().query()).await
         }
-        _ => error(StatusCode::NOT_FOUND, "Not found."),
+        _ => response::admin_error(StatusCode::NOT_FOUND, "Not found."),
     };
     Ok(response)
 }
@@ -128,13 +129,13 @@ async fn admin(
                     serde_json::to_value(report).unwrap_or(Value::Null),
                 );
             }
-            json_response(StatusCode::OK, &json!({ "stacks": stacks }))
+            response::json(StatusCode::OK, &json!({ "stacks": stacks }))
         }
         (&Method::POST, ["tokens", uid, "revoke"]) => set_revocation(shared, uid, true).await,
         (&Method::DELETE, ["tokens", uid, "revoke"]) => set_revocation(shared, uid, false).await,
-        (&Method::GET, ["tokens"]) => json_response(StatusCode::OK, &tokens(shared)),
-        (&Method::GET, ["stacks"]) => json_response(StatusCode::OK, &stacks(shared)),
-        _ => error(StatusCode::NOT_FOUND, "Not found."),
+        (&Method::GET, ["tokens"]) => response::json(StatusCode::OK, &tokens(shared)),
+        (&Method::GET, ["stacks"]) => response::json(StatusCode::OK, &stacks(shared)),
+        _ => response::admin_error(StatusCode::NOT_FOUND, "Not found."),
     }
 }
 
@@ -161,12 +162,12 @@ async fn set_revocation(shared: &Shared, uid: &str, revoked: bool) -> Response<B
         }
     }
     if found.is_empty() {
-        return error(
+        return response::admin_error(
             StatusCode::NOT_FOUND,
             "No stack lists a token with this uid.",
         );
     }
-    json_response(
+    response::json(
         StatusCode::OK,
         &json!({ "uid": uid, "revoked": revoked, "stacks": found, "sessions_cancelled": cancelled }),
     )
@@ -238,31 +239,11 @@ fn readyz(shared: &Shared) -> Response<Body> {
         .map(|s| &*s.name)
         .collect();
     if waiting.is_empty() {
-        text(StatusCode::OK, "text/plain", "ready\n".to_owned())
+        response::text(StatusCode::OK, "text/plain", "ready\n".to_owned())
     } else {
-        json_response(
+        response::json(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({ "ready": false, "waiting_for": waiting }),
         )
     }
-}
-
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
-    let mut response = Response::new(response::full(body));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
-
-fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
-    text(status, "application/json", value.to_string())
-}
-
-fn error(status: StatusCode, message: &str) -> Response<Body> {
-    json_response(
-        status,
-        &json!({ "error_message": message, "error_code": status.as_u16(), "errors": {} }),
-    )
 }

@@ -1,13 +1,11 @@
-//! Wiring: builds the shared state from a [`Config`], binds the listeners,
+//! Wiring: builds the shared state ([`Shared`]) from a [`Config`], binds the listeners,
 //! runs the background services (registry sync per stack, TLS reload), and
 //! owns the one shutdown tree (a root cancellation token and a task tracker).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -15,38 +13,21 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Source as SourceConfig};
 use crate::metrics::Metrics;
-use crate::registry::poll::{poll_loop, CmaBudget, Polled, CMA_REQUESTS_PER_SECOND};
-use crate::registry::snapshot::unix_secs;
+use crate::registry::poll::{poll_loop, Polled};
 use crate::registry::source::{
-    CmaClient, FileSource, Source, SyncError, MAX_PAGE_TIMEOUT, MIN_PAGE_TIMEOUT,
+    CmaBudget, CmaClient, FileSource, Source, CMA_REQUESTS_PER_SECOND, MAX_PAGE_TIMEOUT,
+    MIN_PAGE_TIMEOUT,
 };
-use crate::registry::{Change, StackRegistry, Stacks, SyncReport};
+use crate::registry::{StackRegistry, Stacks};
 use crate::route::Router;
 use crate::server::{self, TlsReloader};
 use crate::sessions::Sessions;
+use crate::state::{record_registry, Shared};
 use crate::upstream::h1pool::H1Pool;
-use crate::upstream::{build_client, connector, HttpClient};
+use crate::upstream::{build_client, connector};
 
 /// How often a tokens file is checked for changes.
 pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Everything the request path and the admin API share.
-pub struct Shared {
-    pub config: Config,
-    pub router: Router,
-    pub stacks: Stacks,
-    pub sessions: Arc<Sessions>,
-    pub client: HttpClient,
-    /// The HTTP/1.1 upstream pool HTTP/1.1 client requests take.
-    pub h1pool: H1Pool,
-    pub metrics: Metrics,
-    /// The duration histograms, resolved per route kind.
-    pub durations: crate::metrics::RouteDurations,
-    pub usage: crate::metrics::TokenUsage,
-    /// Rate limits (SPEC §6).
-    pub limits: crate::limits::Limits,
-    pub http: auto::Builder<TokioExecutor>,
-}
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -76,162 +57,73 @@ pub struct Gateway {
     tracker: TaskTracker,
 }
 
-impl Shared {
-    /// Builds the shared state (no I/O but reading snapshots and TLS files).
-    pub fn new(config: Config) -> Result<Arc<Shared>, StartError> {
-        let metrics = Metrics::new()?;
-        let client = build_client(
-            config.upstream.connect_timeout,
-            config.upstream.ca_file.as_deref(),
-        )?;
-        let h1pool = H1Pool::new(connector(
-            config.upstream.connect_timeout,
-            config.upstream.ca_file.as_deref(),
-            false,
-        )?);
-        let router = Router::new(&config.routes);
-        let mut list = Vec::with_capacity(config.stacks.len());
-        let budget = Arc::new(CmaBudget::new(CMA_REQUESTS_PER_SECOND));
-        for (index, stack) in config.stacks.iter().enumerate() {
-            let source = match &stack.registry.source {
-                SourceConfig::Cma {
-                    url,
-                    auth,
-                    credential,
-                    interval,
-                } => Source::Cma(Box::new(CmaClient {
-                    http: client.clone(),
-                    base: url.clone(),
-                    api_key: stack.api_key.clone(),
-                    auth: *auth,
-                    credential: credential.clone(),
-                    budget: Arc::clone(&budget),
-                    page_timeout: (*interval).clamp(MIN_PAGE_TIMEOUT, MAX_PAGE_TIMEOUT),
-                })),
-                SourceConfig::File { path } => Source::File(FileSource::new(path.clone())),
-            };
-            let registry = StackRegistry::new(
-                index,
-                &stack.name,
-                &stack.api_key,
-                stack.registry.clone(),
-                source,
-            );
-            metrics.init_stack(&stack.name);
-            match registry.load_snapshot() {
-                Ok(Some(count)) => {
-                    tracing::info!(stack = %stack.name, tokens = count, "serving the snapshot until the first sync");
-                }
-                Ok(None) => {}
-                Err(err) => tracing::warn!(stack = %stack.name, error = %err, "snapshot not used"),
-            }
-            if let Some(view) = registry.view() {
-                record_registry(&metrics, &registry, &view.registry);
-            }
-            list.push(Arc::new(registry));
-        }
-        let names = list.iter().map(|s| Arc::clone(&s.name)).collect();
-        let stacks = Stacks::new(list);
-        Ok(Arc::new(Shared {
-            sessions: Sessions::new(metrics.clone(), names),
-            limits: crate::limits::Limits::new(&config.stacks),
-            config,
-            router,
-            stacks,
-            client,
-            h1pool,
-            durations: metrics.durations(),
-            metrics,
-            usage: Default::default(),
-            http: server::http_builder(),
-        }))
-    }
-
-    /// Syncs one stack now and applies what changed.
-    pub async fn sync_stack(&self, stack: &StackRegistry, force: bool) -> SyncReport {
-        let (report, change) = stack.sync(force).await;
-        self.after_sync(stack, &report, change);
-        report
-    }
-
-    fn after_sync(&self, stack: &StackRegistry, report: &SyncReport, change: Option<Change>) {
-        let name = &*stack.name;
-        let status = stack.status();
-        if let Some(err) = &status.last_error {
-            self.metrics
-                .registry_sync_failures
-                .with_label_values(&[name])
-                .inc();
-            // A bad credential fails every poll: say so once per streak.
-            let first = status.consecutive_failures == 1;
-            if first || !matches!(err, SyncError::Credential(_)) {
-                tracing::error!(stack = name, failures = status.consecutive_failures, error = %err, "registry sync failed; serving the last good registry");
-            }
-            return;
-        }
-        if let Some(view) = stack.view() {
-            record_registry(&self.metrics, stack, &view.registry);
-        }
-        if let Some(success) = status.last_success {
-            self.metrics
-                .registry_last_success
-                .with_label_values(&[name])
-                .set(unix_secs(success) as f64);
-        }
-        self.metrics
-            .registry_held_back
-            .with_label_values(&[name])
-            .set(report.held_back.len() as i64);
-        if let Some(change) = change {
-            self.apply_change(stack, &change, false);
-        }
-    }
-
-    /// Ends the sessions a change no longer allows and drops the metric
-    /// series of tokens that are gone.
-    pub fn apply_change(&self, stack: &StackRegistry, change: &Change, admin: bool) -> usize {
-        let diff = &change.diff;
-        let revocation = self.sessions.revoke(stack.index, change, admin);
-        if !admin {
-            for uid in &diff.removed {
-                self.metrics.forget_token(&stack.name, uid);
-                self.usage.forget(stack.index, uid);
-                self.limits.forget(stack.index, uid);
-            }
-        }
-        record_registry(&self.metrics, stack, &change.registry);
-        tracing::info!(
-            stack = %stack.name,
-            version = change.registry.version(),
-            added = diff.added.len(),
-            removed = diff.removed.len(),
-            preview_removed = diff.preview_removed.len(),
-            rotated = diff.rotated.len(),
-            narrowed = diff.narrowed.len(),
-            changed = diff.changed.len(),
-            sessions_cancelled = revocation.cancelled,
-            "registry changed"
+/// Builds the shared state (no I/O but reading snapshots and TLS files).
+pub fn build_shared(config: Config) -> Result<Arc<Shared>, StartError> {
+    let metrics = Metrics::new()?;
+    let client = build_client(
+        config.upstream.connect_timeout,
+        config.upstream.ca_file.as_deref(),
+    )?;
+    let h1pool = H1Pool::new(connector(
+        config.upstream.connect_timeout,
+        config.upstream.ca_file.as_deref(),
+        false,
+    )?);
+    let router = Router::new(&config.routes);
+    let mut list = Vec::with_capacity(config.stacks.len());
+    let budget = Arc::new(CmaBudget::new(CMA_REQUESTS_PER_SECOND));
+    for (index, stack) in config.stacks.iter().enumerate() {
+        let source = match &stack.registry.source {
+            SourceConfig::Cma {
+                url,
+                auth,
+                credential,
+                interval,
+            } => Source::Cma(Box::new(CmaClient {
+                http: client.clone(),
+                base: url.clone(),
+                api_key: stack.api_key.clone(),
+                auth: *auth,
+                credential: credential.clone(),
+                budget: Arc::clone(&budget),
+                page_timeout: (*interval).clamp(MIN_PAGE_TIMEOUT, MAX_PAGE_TIMEOUT),
+            })),
+            SourceConfig::File { path } => Source::File(FileSource::new(path.clone())),
+        };
+        let registry = StackRegistry::new(
+            index,
+            &stack.name,
+            &stack.api_key,
+            stack.registry.clone(),
+            source,
         );
-        revocation.cancelled
+        metrics.init_stack(&stack.name);
+        match registry.load_snapshot() {
+            Ok(Some(count)) => {
+                tracing::info!(stack = %stack.name, tokens = count, "serving the snapshot until the first sync");
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!(stack = %stack.name, error = %err, "snapshot not used"),
+        }
+        if let Some(view) = registry.view() {
+            record_registry(&metrics, &registry, &view.registry);
+        }
+        list.push(Arc::new(registry));
     }
-}
-
-fn record_registry(metrics: &Metrics, stack: &StackRegistry, registry: &crate::registry::Registry) {
-    let name = &*stack.name;
-    metrics
-        .registry_tokens
-        .with_label_values(&[name])
-        .set(registry.len() as i64);
-    metrics
-        .registry_version
-        .with_label_values(&[name])
-        .set(i64::try_from(registry.version()).unwrap_or(i64::MAX));
-    if let Some(success) = stack.status().last_success {
-        metrics
-            .registry_last_success
-            .with_label_values(&[name])
-            .set(unix_secs(success) as f64);
-    }
+    let names = list.iter().map(|s| Arc::clone(&s.name)).collect();
+    let stacks = Stacks::new(list);
+    Ok(Arc::new(Shared {
+        sessions: Sessions::new(metrics.clone(), names),
+        limits: crate::limits::Limits::new(&config.stacks),
+        config,
+        router,
+        stacks,
+        client,
+        h1pool,
+        durations: metrics.durations(),
+        metrics,
+        usage: Default::default(),
+    }))
 }
 
 /// Keeps one stack in sync until shutdown: every `sync_interval` (every
@@ -281,7 +173,7 @@ impl Gateway {
             source,
         })?;
 
-        let shared = Shared::new(config)?;
+        let shared = build_shared(config)?;
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
@@ -396,11 +288,4 @@ async fn shutdown_signal() -> Signal {
         let _ = tokio::signal::ctrl_c().await;
         Signal::Interrupt
     }
-}
-
-/// Seconds since `time`, for reports.
-pub fn age_secs(time: SystemTime) -> u64 {
-    SystemTime::now()
-        .duration_since(time)
-        .map_or(0, |d| d.as_secs())
 }

@@ -4,31 +4,44 @@
 //! live sessions the moment it is revoked.
 //!
 //! # Layout
+//! From the bottom up; a module imports only modules above it in this list
+//! or beside it on its floor, never one that imports it back.
+//!
+//! What everything acts on:
 //! - [`config`]: the TOML file (SPEC §5), parsed then validated into checked types.
 //! - [`region`], [`route`]: Contentstack's hosts; matching a request to a route.
 //! - [`registry`]: tokens per stack, synced from the CMA or a file, snapshotted,
 //!   swapped whole, with a diff per change.
+//! - [`reject`]: why a request is refused, one reason per row of SPEC §3.
 //! - [`decision`]: the decision table of SPEC §3 as pure functions.
-//! - [`response`]: the one place a refusal becomes a response.
 //! - [`sessions`]: live sessions per token, and revocation.
+//! - [`conn`]: what a client connection knows (peer, sessions, activity).
 //! - [`limits`]: rate limits (SPEC §6): per token, per stack origin, and
 //!   failed authentications per client IP.
-//! - [`proxy`]: the request path (check, decide, forward, stream back).
-//! - [`server`]: listeners, TLS, the per-connection task and its timeouts.
-//! - [`upstream`]: the pooled rustls client for upstreams and the CMA.
-//! - [`admin`]: health, readiness, metrics and the admin API.
 //! - [`metrics`]: the Prometheus metrics of SPEC §7.
+//! - [`upstream`]: the pooled rustls client for upstreams and the CMA.
+//! - [`response`]: the one place the gateway's own responses are built.
+//! - [`state`]: [`Shared`], and the one function that applies a registry change.
+//!
+//! What serves requests, calling down into [`state`]:
+//! - [`proxy`]: the request path (check, decide, forward, stream back).
+//! - [`admin`]: health, readiness, metrics and the admin API.
+//!
+//! What builds and starts things:
+//! - [`server`]: listeners, TLS, the per-connection task and its timeouts.
 //! - [`app`]: wiring, background services and the shutdown tree.
 //! - [`demo`]: `stackgate demo`.
 //! - [`logging`]: text or JSON logs.
 //!
 //! A request's path through the code: `server::serve_connection` ->
 //! `proxy::handle` -> `decision::check_http` and `decision::decide` ->
-//! `sessions::Sessions::begin` -> upstream -> `proxy::Tracked` body.
+//! `sessions::Sessions::begin` -> `proxy::outgoing::upstream_request` ->
+//! upstream -> `proxy::body::Tracked`.
 
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod conn;
 pub mod decision;
 pub mod demo;
 pub mod limits;
@@ -37,20 +50,23 @@ pub mod metrics;
 pub mod proxy;
 pub mod region;
 pub mod registry;
+pub mod reject;
 pub mod response;
 pub mod route;
 pub mod server;
 pub mod sessions;
+pub mod state;
 pub mod upstream;
 
-pub use app::{Gateway, Shared};
+pub use app::Gateway;
+pub use state::Shared;
 
 /// The runtime the binary (and `examples/bare_proxy.rs`) runs on: one worker
 /// per CPU the process may use (its affinity mask and cgroup quota, as
 /// `available_parallelism` reads them). With one CPU, the single-threaded
 /// scheduler: the work-stealing one would only add its queues and atomics
 /// around the same one thread (the single-threaded one serves about 16% more
-/// requests per second on one core; BENCHMARKS.md, fourth session).
+/// requests per second on one core; BENCHMARKS.md, "Request path under load").
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut builder = if cpus == 1 {

@@ -237,8 +237,30 @@ impl Visit for TextFields<'_, '_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if self.start(field) {
-            self.result = write!(self.writer, "{value:?}");
+            let mut counted = Counted {
+                inner: &mut *self.writer,
+                written: 0,
+            };
+            self.result = fmt::Write::write_fmt(&mut counted, format_args!("{value:?}"));
+            // An empty value reads as `""`, so that `token= route=x` cannot
+            // be misread as a token named `route=x`.
+            if counted.written == 0 && field.name() != "message" {
+                self.result = self.result.and_then(|()| self.writer.write_str("\"\""));
+            }
         }
+    }
+}
+
+/// A writer that counts what passes through it.
+struct Counted<'a, W: fmt::Write> {
+    inner: &'a mut W,
+    written: usize,
+}
+
+impl<W: fmt::Write> fmt::Write for Counted<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.written += s.len();
+        self.inner.write_str(s)
     }
 }
 

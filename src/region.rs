@@ -105,31 +105,34 @@ mod tests {
 
     #[test]
     fn hosts_match_contentstack() {
-        assert_eq!(Region::Na.host(RouteKind::Delivery), "cdn.contentstack.io");
-        assert_eq!(
-            Region::Na.host(RouteKind::Preview),
-            "rest-preview.contentstack.com"
-        );
-        assert_eq!(
-            Region::Na.host(RouteKind::Graphql),
-            "graphql.contentstack.com"
-        );
-        assert_eq!(
-            Region::Na.host(RouteKind::GraphqlPreview),
-            "graphql-preview.contentstack.com"
-        );
-        assert_eq!(
-            Region::Eu.host(RouteKind::Delivery),
-            "eu-cdn.contentstack.com"
-        );
-        assert_eq!(
-            Region::AzureNa.host(RouteKind::Preview),
-            "azure-na-rest-preview.contentstack.com"
-        );
-        assert_eq!(
-            Region::GcpEu.host(RouteKind::GraphqlPreview),
-            "gcp-eu-graphql-preview.contentstack.com"
-        );
+        let hosts = [
+            (Region::Na, RouteKind::Delivery, "cdn.contentstack.io"),
+            (
+                Region::Na,
+                RouteKind::Preview,
+                "rest-preview.contentstack.com",
+            ),
+            (Region::Na, RouteKind::Graphql, "graphql.contentstack.com"),
+            (
+                Region::Na,
+                RouteKind::GraphqlPreview,
+                "graphql-preview.contentstack.com",
+            ),
+            (Region::Eu, RouteKind::Delivery, "eu-cdn.contentstack.com"),
+            (
+                Region::AzureNa,
+                RouteKind::Preview,
+                "azure-na-rest-preview.contentstack.com",
+            ),
+            (
+                Region::GcpEu,
+                RouteKind::GraphqlPreview,
+                "gcp-eu-graphql-preview.contentstack.com",
+            ),
+        ];
+        for (region, kind, host) in hosts {
+            assert_eq!(region.host(kind), host, "{region:?} {kind:?}");
+        }
         assert_eq!(Region::Na.cma_host(), "api.contentstack.io");
         assert_eq!(Region::Au.cma_host(), "au-api.contentstack.com");
     }

@@ -1,14 +1,17 @@
-//! The one place that turns a [`Reject`] into an HTTP response: status,
-//! Contentstack error body, `x-stackgate-reason`, and the rate-limit headers.
-//! Bodies name the field at fault but never echo a credential.
+//! The one place that builds the gateway's own responses: a [`Reject`] as a
+//! refusal (status, Contentstack error body, `x-stackgate-reason`, the
+//! rate-limit and `Allow` headers, CORS for a browser), a CORS preflight,
+//! and the admin listener's JSON, text and error answers. Bodies name the
+//! field at fault but never echo a credential.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{self, HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 
-use crate::decision::{BadRequest, Reject};
+use crate::reject::{BadRequest, Reject};
+use crate::route::Route;
 
 /// The body type every response of the gateway has.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -19,6 +22,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub const REASON_HEADER: &str = "x-stackgate-reason";
 /// Contentstack's message for a bad delivery or preview token.
 pub const NOT_LOGGED_IN: &str = "You're not allowed in here unless you're logged in.";
+/// Headers a browser may read on a refusal.
+const EXPOSED_HEADERS: &str =
+    "x-stackgate-reason, x-request-id, retry-after, x-ratelimit-limit, x-ratelimit-remaining";
 
 /// A body holding `bytes`.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -176,6 +182,94 @@ pub fn rejection(reject: &Reject) -> Response<Body> {
         _ => {}
     }
     response
+}
+
+/// The refusal a client gets on `route` (when one matched): [`rejection`]
+/// plus `Allow` on a 405, and CORS headers when the request came from an
+/// allowed browser `origin`.
+pub fn refusal(
+    reject: &Reject,
+    route: Option<&Route>,
+    origin: Option<&HeaderValue>,
+) -> Response<Body> {
+    let mut response = rejection(reject);
+    let Some(route) = route else {
+        return response;
+    };
+    let headers = response.headers_mut();
+    let origin = origin.and_then(|o| o.to_str().ok());
+    if let Some(allow) = origin.and_then(|o| allowed_origin(route, o)) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(EXPOSED_HEADERS),
+        );
+        headers.insert(header::VARY, HeaderValue::from_static("origin"));
+    }
+    if *reject == Reject::MethodNotAllowed {
+        headers.insert(
+            header::ALLOW,
+            HeaderValue::from_static(route.kind.allowed_methods()),
+        );
+    }
+    response
+}
+
+/// The answer to a CORS preflight, from the route's settings.
+pub fn preflight(route: &Route, origin: Option<&HeaderValue>) -> Response<Body> {
+    let mut response = Response::new(empty());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    let origin = origin.and_then(|o| o.to_str().ok()).unwrap_or("");
+    if let Some(allow) = allowed_origin(route, origin) {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static(route.kind.allowed_methods()),
+        );
+        if let Ok(allow_headers) = HeaderValue::from_str(&route.cors.allow_headers) {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allow_headers);
+        }
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from(route.cors.max_age.as_secs()),
+        );
+    }
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("origin, access-control-request-headers"),
+    );
+    response
+}
+
+/// The `Access-Control-Allow-Origin` value for a request from `origin`, if
+/// the route allows that origin.
+fn allowed_origin(route: &Route, origin: &str) -> Option<HeaderValue> {
+    let allow = route.cors.allow_origin(origin)?;
+    HeaderValue::from_str(allow).ok()
+}
+
+/// An admin answer with a text body.
+pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// An admin answer with a JSON body.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    text(status, "application/json", value.to_string())
+}
+
+/// An admin error, in the same body shape as a refusal.
+pub fn admin_error(status: StatusCode, message: &str) -> Response<Body> {
+    json(
+        status,
+        &json!({ "error_message": message, "error_code": status.as_u16(), "errors": {} }),
+    )
 }
 
 #[cfg(test)]

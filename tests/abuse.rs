@@ -1,4 +1,4 @@
-//! Hostile clients and faulty origins (issue 8; SPEC §3 rows 16 and 17,
+//! Hostile clients and faulty origins (SPEC §3 rows 16 and 17,
 //! §5 `[server]`): slow heads, idle keep-alive, connection floods, HTTP/2
 //! rapid reset and stream floods, oversized header lists, and origins that
 //! reset, stall, answer garbage or send huge bodies. Every test also shows

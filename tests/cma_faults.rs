@@ -1,4 +1,4 @@
-//! The registry through a misbehaving CMA (issue 5): the rate limit's
+//! The registry through a misbehaving CMA: the rate limit's
 //! `Retry-After`, a hanging CMA, staleness that fails closed and recovers,
 //! a bad credential logged once, and several stacks sharing the budget.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

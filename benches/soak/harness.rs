@@ -52,7 +52,8 @@ pub fn start(config: &Path, admin_bearer: &str) -> Gateway {
         .env("SOAK_CMA", "soak-cma-authtoken")
         .env(
             "RUST_LOG",
-            std::env::var("SOAK_GATEWAY_LOG").unwrap_or_else(|_| "warn,stackgate::app=info".into()),
+            std::env::var("SOAK_GATEWAY_LOG")
+                .unwrap_or_else(|_| "warn,stackgate::state=info".into()),
         )
         .stderr(Stdio::piped())
         .spawn()

@@ -17,6 +17,7 @@ use http::{Method, Request, Uri};
 use libfuzzer_sys::fuzz_target;
 use stackgate::config::{RegistrySettings, Source};
 use stackgate::decision::{check_http, decide, Decision};
+use stackgate::registry::diff::next;
 use stackgate::registry::parse::parse_token_list;
 use stackgate::registry::{Registry, StackRegistry, Stacks};
 use stackgate::route::{Cors, Route, RouteKind, Router, Upstream};
@@ -64,8 +65,7 @@ fn world() -> &'static World {
         ]);
         let page = parse_token_list(include_bytes!("../../config/demo-tokens.json"))
             .unwrap_or_else(|_| unreachable!("the demo token list parses"));
-        let registry = Registry::default()
-            .next(page.tokens, 0)
+        let registry = next(&Registry::default(), page.tokens, 0)
             .and_then(|(r, _)| r.with_admin_revocation("blt_demo_staging", true))
             .unwrap_or_else(|| unreachable!("the demo registry builds"));
         let stacks = Stacks::new(vec![Arc::new(StackRegistry::with_registry(

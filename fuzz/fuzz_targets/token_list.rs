@@ -6,12 +6,13 @@
 
 use libfuzzer_sys::fuzz_target;
 use stackgate::registry::parse::parse_token_list;
+use stackgate::registry::diff::next;
 use stackgate::registry::Registry;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(page) = parse_token_list(data) {
         let count = page.tokens.len();
-        if let Some((registry, _diff)) = Registry::default().next(page.tokens, 0) {
+        if let Some((registry, _diff)) = next(&Registry::default(), page.tokens, 0) {
             assert!(registry.len() <= count);
         }
     }

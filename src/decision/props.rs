@@ -1,4 +1,4 @@
-//! Property tests of the decision table (issue 8).
+//! Property tests of the decision table.
 //!
 //! - [`decide`] and [`check_http`] never panic, whatever the request head.
 //! - [`decide`] forwards only what every row of SPEC §3 allows. The oracle
@@ -18,6 +18,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 
 use super::*;
+use crate::registry::diff::next;
 use crate::registry::{Environment, Registry, Scope, Token};
 use crate::route::{Cors, Route, RouteKind, Upstream};
 
@@ -245,8 +246,8 @@ fn to_token(t: &ModelToken) -> Token {
 fn registry(tokens: &[ModelToken]) -> Registry {
     let all = tokens.iter().map(to_token).collect();
     let live = tokens.iter().filter(|t| !t.deleted).map(to_token).collect();
-    let (first, _) = Registry::default().next(all, 0).unwrap();
-    let (mut registry, _) = first.next(live, 1).unwrap();
+    let (first, _) = next(&Registry::default(), all, 0).unwrap();
+    let (mut registry, _) = next(&first, live, 1).unwrap();
     for t in tokens.iter().filter(|t| t.admin_revoked) {
         registry = registry.with_admin_revocation(t.uid, true).unwrap();
     }

@@ -9,6 +9,7 @@ use http::{Method, Request};
 
 use super::*;
 use crate::config::{RegistrySettings, Source};
+use crate::registry::diff::next;
 use crate::registry::{Environment, Registry, Scope, Token};
 use crate::route::{Cors, Route, RouteKind, Upstream};
 
@@ -117,19 +118,19 @@ fn world() -> World {
         None,
     );
     let live = vec![prod.clone(), other.clone(), all.clone(), admin.clone()];
-    let (first, _) = Registry::default()
-        .next(
-            vec![
-                prod.clone(),
-                other.clone(),
-                all.clone(),
-                gone,
-                admin.clone(),
-            ],
-            0,
-        )
-        .unwrap();
-    let (registry, _) = first.next(live, 1).unwrap();
+    let (first, _) = next(
+        &Registry::default(),
+        vec![
+            prod.clone(),
+            other.clone(),
+            all.clone(),
+            gone,
+            admin.clone(),
+        ],
+        0,
+    )
+    .unwrap();
+    let (registry, _) = next(&first, live, 1).unwrap();
     let registry = registry.with_admin_revocation("blt_admin", true).unwrap();
     let stacks = Stacks::new(vec![
         Arc::new(StackRegistry::with_registry(

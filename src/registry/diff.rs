@@ -1,4 +1,5 @@
-//! What a registry change did, token by token.
+//! What a registry change did, token by token, and the registry version a
+//! sync produces ([`next`]).
 //!
 //! The diff is computed before the new registry is swapped in, and it is what
 //! revocation acts on: `removed` and `rotated` end every session of a token,
@@ -6,10 +7,13 @@
 //! that the new scope no longer covers.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::model::{Registry, Token};
+use super::model::{
+    DigestMap, Registry, Revoked, Token, TokenKind, REVOKED_MEMORY_MAX, REVOKED_MEMORY_SECS,
+};
 
 /// Token uids, sorted, by what happened to them.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
@@ -88,12 +92,60 @@ impl Diff {
     }
 }
 
+/// The registry after a sync listed `tokens`, and what changed. Digests
+/// that stop being valid are remembered as revoked; `now` is unix seconds.
+/// Returns `None` when nothing changed.
+pub fn next(old: &Registry, tokens: Vec<Token>, now: u64) -> Option<(Registry, Diff)> {
+    let diff = Diff::between(old, &tokens);
+    if diff.is_empty() {
+        return None;
+    }
+    let mut revoked = old.revoked().clone();
+    let listed: DigestMap<()> = tokens
+        .iter()
+        .flat_map(|t| std::iter::once(t.delivery).chain(t.preview))
+        .map(|d| (d, ()))
+        .collect();
+    for gone in old.tokens() {
+        let values = [
+            (Some(gone.delivery), TokenKind::Delivery),
+            (gone.preview, TokenKind::Preview),
+        ];
+        for (digest, kind) in values {
+            if let Some(digest) = digest.filter(|d| !listed.contains_key(d)) {
+                let uid = Arc::clone(&gone.uid);
+                revoked.insert(digest, Revoked { uid, kind, at: now });
+            }
+        }
+    }
+    revoked.retain(|digest, _| !listed.contains_key(digest));
+    prune_revoked(&mut revoked, now);
+    let next = Registry::from_parts(
+        old.version() + 1,
+        tokens,
+        revoked,
+        old.admin_revoked().clone(),
+    );
+    Some((next, diff))
+}
+
+/// Forgets revoked digests past [`REVOKED_MEMORY_SECS`], then the oldest past
+/// [`REVOKED_MEMORY_MAX`].
+fn prune_revoked(revoked: &mut DigestMap<Revoked>, now: u64) {
+    revoked.retain(|_, r| now.saturating_sub(r.at) < REVOKED_MEMORY_SECS);
+    if revoked.len() > REVOKED_MEMORY_MAX {
+        let mut ages: Vec<u64> = revoked.values().map(|r| r.at).collect();
+        ages.sort_unstable();
+        let cutoff = ages[ages.len() - REVOKED_MEMORY_MAX];
+        revoked.retain(|_, r| r.at >= cutoff);
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::registry::model::{Digest, Scope};
+    use crate::registry::model::tests::token as listed;
+    use crate::registry::model::{Digest, Lookup, Scope};
 
     fn token(uid: &str, value: &str, preview: Option<&str>, branches: Option<&[&str]>) -> Token {
         Token {
@@ -145,5 +197,95 @@ mod tests {
             &old.tokens().map(|t| Token::clone(t)).collect::<Vec<_>>()
         )
         .is_empty());
+    }
+
+    #[test]
+    fn lookups_tell_live_revoked_and_unknown_apart() {
+        let empty = Registry::default();
+        let (reg, diff) = next(
+            &empty,
+            vec![
+                listed("a", "tok-a", Some("prev-a")),
+                listed("b", "tok-b", None),
+            ],
+            100,
+        )
+        .unwrap();
+        assert_eq!(diff.added.len(), 2);
+        assert!(
+            matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Live(t, TokenKind::Delivery) if &*t.uid == "a")
+        );
+        assert!(matches!(
+            reg.lookup(&Digest::of(b"prev-a")),
+            Lookup::Live(_, TokenKind::Preview)
+        ));
+        assert!(matches!(reg.lookup(&Digest::of(b"nope")), Lookup::Unknown));
+
+        // Token b deleted, a's preview token deleted alone.
+        let (reg2, diff) = next(&reg, vec![listed("a", "tok-a", None)], 200).unwrap();
+        assert_eq!(diff.removed, vec!["b".to_string()]);
+        assert_eq!(diff.preview_removed, vec!["a".to_string()]);
+        assert_eq!(reg2.version(), reg.version() + 1);
+        assert!(matches!(
+            reg2.lookup(&Digest::of(b"tok-b")),
+            Lookup::Revoked(TokenKind::Delivery)
+        ));
+        assert!(matches!(
+            reg2.lookup(&Digest::of(b"prev-a")),
+            Lookup::Revoked(TokenKind::Preview)
+        ));
+        assert!(matches!(
+            reg2.lookup(&Digest::of(b"tok-a")),
+            Lookup::Live(..)
+        ));
+
+        // Same list again: no change, no new version.
+        assert!(next(&reg2, vec![listed("a", "tok-a", None)], 300).is_none());
+
+        // Admin revocation hides a live token, lifting it restores it.
+        let revoked = reg2.with_admin_revocation("a", true).unwrap();
+        assert!(matches!(
+            revoked.lookup(&Digest::of(b"tok-a")),
+            Lookup::Revoked(TokenKind::Delivery)
+        ));
+        assert!(revoked.with_admin_revocation("a", true).is_none());
+        let lifted = revoked.with_admin_revocation("a", false).unwrap();
+        assert!(matches!(
+            lifted.lookup(&Digest::of(b"tok-a")),
+            Lookup::Live(..)
+        ));
+    }
+
+    #[test]
+    fn revoked_memory_is_bounded_in_time() {
+        let (reg, _) = next(&Registry::default(), vec![listed("a", "tok-a", None)], 0).unwrap();
+        let (reg, _) = next(&reg, vec![listed("b", "tok-b", None)], 10).unwrap();
+        assert!(matches!(
+            reg.lookup(&Digest::of(b"tok-a")),
+            Lookup::Revoked(_)
+        ));
+        let later = 10 + REVOKED_MEMORY_SECS + 1;
+        let (reg, _) = next(&reg, vec![listed("c", "tok-c", None)], later).unwrap();
+        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Unknown));
+        assert!(matches!(
+            reg.lookup(&Digest::of(b"tok-b")),
+            Lookup::Revoked(_)
+        ));
+    }
+
+    #[test]
+    fn a_relisted_value_is_live_again() {
+        let (reg, _) = next(&Registry::default(), vec![listed("a", "tok-a", None)], 0).unwrap();
+        let (reg, _) = next(&reg, vec![], 1).unwrap();
+        assert!(matches!(
+            reg.lookup(&Digest::of(b"tok-a")),
+            Lookup::Revoked(_)
+        ));
+        let (reg, _) = next(&reg, vec![listed("a", "tok-a", None)], 2).unwrap();
+        assert!(matches!(
+            reg.lookup(&Digest::of(b"tok-a")),
+            Lookup::Live(..)
+        ));
+        assert!(reg.revoked().is_empty());
     }
 }

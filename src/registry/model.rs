@@ -14,8 +14,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::diff::Diff;
-
 /// How long a removed token's digest is remembered, so that it is answered
 /// `token_revoked` rather than `invalid_token`.
 pub const REVOKED_MEMORY_SECS: u64 = 7 * 24 * 3600;
@@ -222,7 +220,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Builds a registry from its parts (used by snapshots and [`Registry::next`]).
+    /// Builds a registry from its parts (used by snapshots and [`super::diff::next`]).
     pub fn from_parts(
         version: u64,
         tokens: Vec<Token>,
@@ -313,43 +311,6 @@ impl Registry {
         }
     }
 
-    /// The registry after a sync listed `tokens`, and what changed. Digests
-    /// that stop being valid are remembered as revoked; `now` is unix seconds.
-    /// Returns `None` when nothing changed.
-    pub fn next(&self, tokens: Vec<Token>, now: u64) -> Option<(Registry, Diff)> {
-        let diff = Diff::between(self, &tokens);
-        if diff.is_empty() {
-            return None;
-        }
-        let mut revoked = self.revoked.clone();
-        let listed: DigestMap<()> = tokens
-            .iter()
-            .flat_map(|t| std::iter::once(t.delivery).chain(t.preview))
-            .map(|d| (d, ()))
-            .collect();
-        for old in self.tokens.values() {
-            let values = [
-                (Some(old.delivery), TokenKind::Delivery),
-                (old.preview, TokenKind::Preview),
-            ];
-            for (digest, kind) in values {
-                if let Some(digest) = digest.filter(|d| !listed.contains_key(d)) {
-                    let uid = Arc::clone(&old.uid);
-                    revoked.insert(digest, Revoked { uid, kind, at: now });
-                }
-            }
-        }
-        revoked.retain(|digest, _| !listed.contains_key(digest));
-        prune_revoked(&mut revoked, now);
-        let next = Registry::from_parts(
-            self.version + 1,
-            tokens,
-            revoked,
-            self.admin_revoked.clone(),
-        );
-        Some((next, diff))
-    }
-
     /// The registry with `uid`'s admin revocation set (`revoked = true`) or lifted.
     /// `None` when that is already the state.
     pub fn with_admin_revocation(&self, uid: &str, revoked: bool) -> Option<Registry> {
@@ -372,20 +333,8 @@ impl Registry {
     }
 }
 
-/// Forgets revoked digests past [`REVOKED_MEMORY_SECS`], then the oldest past
-/// [`REVOKED_MEMORY_MAX`].
-fn prune_revoked(revoked: &mut DigestMap<Revoked>, now: u64) {
-    revoked.retain(|_, r| now.saturating_sub(r.at) < REVOKED_MEMORY_SECS);
-    if revoked.len() > REVOKED_MEMORY_MAX {
-        let mut ages: Vec<u64> = revoked.values().map(|r| r.at).collect();
-        ages.sort_unstable();
-        let cutoff = ages[ages.len() - REVOKED_MEMORY_MAX];
-        revoked.retain(|_, r| r.at >= cutoff);
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn token(uid: &str, value: &str, preview: Option<&str>) -> Token {
@@ -469,100 +418,6 @@ mod tests {
         assert!(Arc::ptr_eq(&scope("a"), &scope("b")));
         assert!(!Arc::ptr_eq(&scope("a"), &scope("c")));
         assert_eq!(scope("c").branches, Some(vec!["dev".to_owned()]));
-    }
-
-    #[test]
-    fn lookups_tell_live_revoked_and_unknown_apart() {
-        let empty = Registry::default();
-        let (reg, diff) = empty
-            .next(
-                vec![
-                    token("a", "tok-a", Some("prev-a")),
-                    token("b", "tok-b", None),
-                ],
-                100,
-            )
-            .unwrap();
-        assert_eq!(diff.added.len(), 2);
-        assert!(
-            matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Live(t, TokenKind::Delivery) if &*t.uid == "a")
-        );
-        assert!(matches!(
-            reg.lookup(&Digest::of(b"prev-a")),
-            Lookup::Live(_, TokenKind::Preview)
-        ));
-        assert!(matches!(reg.lookup(&Digest::of(b"nope")), Lookup::Unknown));
-
-        // Token b deleted, a's preview token deleted alone.
-        let (reg2, diff) = reg.next(vec![token("a", "tok-a", None)], 200).unwrap();
-        assert_eq!(diff.removed, vec!["b".to_string()]);
-        assert_eq!(diff.preview_removed, vec!["a".to_string()]);
-        assert_eq!(reg2.version(), reg.version() + 1);
-        assert!(matches!(
-            reg2.lookup(&Digest::of(b"tok-b")),
-            Lookup::Revoked(TokenKind::Delivery)
-        ));
-        assert!(matches!(
-            reg2.lookup(&Digest::of(b"prev-a")),
-            Lookup::Revoked(TokenKind::Preview)
-        ));
-        assert!(matches!(
-            reg2.lookup(&Digest::of(b"tok-a")),
-            Lookup::Live(..)
-        ));
-
-        // Same list again: no change, no new version.
-        assert!(reg2.next(vec![token("a", "tok-a", None)], 300).is_none());
-
-        // Admin revocation hides a live token, lifting it restores it.
-        let revoked = reg2.with_admin_revocation("a", true).unwrap();
-        assert!(matches!(
-            revoked.lookup(&Digest::of(b"tok-a")),
-            Lookup::Revoked(TokenKind::Delivery)
-        ));
-        assert!(revoked.with_admin_revocation("a", true).is_none());
-        let lifted = revoked.with_admin_revocation("a", false).unwrap();
-        assert!(matches!(
-            lifted.lookup(&Digest::of(b"tok-a")),
-            Lookup::Live(..)
-        ));
-    }
-
-    #[test]
-    fn revoked_memory_is_bounded_in_time() {
-        let (reg, _) = Registry::default()
-            .next(vec![token("a", "tok-a", None)], 0)
-            .unwrap();
-        let (reg, _) = reg.next(vec![token("b", "tok-b", None)], 10).unwrap();
-        assert!(matches!(
-            reg.lookup(&Digest::of(b"tok-a")),
-            Lookup::Revoked(_)
-        ));
-        let later = 10 + REVOKED_MEMORY_SECS + 1;
-        let (reg, _) = reg.next(vec![token("c", "tok-c", None)], later).unwrap();
-        assert!(matches!(reg.lookup(&Digest::of(b"tok-a")), Lookup::Unknown));
-        assert!(matches!(
-            reg.lookup(&Digest::of(b"tok-b")),
-            Lookup::Revoked(_)
-        ));
-    }
-
-    #[test]
-    fn a_relisted_value_is_live_again() {
-        let (reg, _) = Registry::default()
-            .next(vec![token("a", "tok-a", None)], 0)
-            .unwrap();
-        let (reg, _) = reg.next(vec![], 1).unwrap();
-        assert!(matches!(
-            reg.lookup(&Digest::of(b"tok-a")),
-            Lookup::Revoked(_)
-        ));
-        let (reg, _) = reg.next(vec![token("a", "tok-a", None)], 2).unwrap();
-        assert!(matches!(
-            reg.lookup(&Digest::of(b"tok-a")),
-            Lookup::Live(..)
-        ));
-        assert!(reg.revoked().is_empty());
     }
 
     #[test]

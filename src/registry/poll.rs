@@ -1,67 +1,21 @@
-//! When registries are synced: the poll loop, its backoff, and the CMA
-//! request budget that all stacks share.
+//! When registries are synced: the poll loop and its backoff. (The CMA
+//! request budget all stacks share lives beside the client that spends it,
+//! in [`super::source`].)
 //!
-//! The CMA allows 10 GET/s per organization, shared with every other tool the
-//! customer runs. Every page request of every stack takes a slot from one
-//! [`CmaBudget`] ([`CMA_REQUESTS_PER_SECOND`]), and a 429's `Retry-After`
-//! holds back every stack, so that the gateway never bursts the budget however
-//! many stacks it serves. Failures back off exponentially with jitter; the
-//! loop is generic over the sync step so that its timing can be tested with
-//! paused time.
+//! Failures back off exponentially with jitter; the loop is generic over the
+//! sync step so that its timing can be tested with paused time.
 
 use std::future::Future;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::source::SyncError;
 
-/// CMA requests per second the gateway allows itself, across all stacks: half
-/// of the organization's 10 GET/s, leaving the rest to other tools.
-pub const CMA_REQUESTS_PER_SECOND: u32 = 5;
 /// Longest wait between sync attempts after repeated failures.
 pub const MAX_SYNC_BACKOFF: Duration = Duration::from_secs(300);
 /// Jitter on every wait, so that stacks do not poll in step.
 pub const JITTER: f64 = 0.2;
-
-/// Spaces CMA requests: at most one per `1 / rate` seconds, none before a
-/// `Retry-After` has passed.
-#[derive(Debug)]
-pub struct CmaBudget {
-    spacing: Duration,
-    next: Mutex<Option<Instant>>,
-}
-
-impl CmaBudget {
-    /// A budget of `per_second` requests per second.
-    pub fn new(per_second: u32) -> CmaBudget {
-        CmaBudget {
-            spacing: Duration::from_secs(1) / per_second.max(1),
-            next: Mutex::new(None),
-        }
-    }
-
-    /// Waits for the next free slot and takes it.
-    pub async fn acquire(&self) {
-        let slot = {
-            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let slot = next.map_or(now, |n| n.max(now));
-            *next = Some(slot + self.spacing);
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
-    }
-
-    /// Takes no slot before `wait` from now (a 429's `Retry-After`).
-    pub fn hold_off(&self, wait: Duration) {
-        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        let until = Instant::now() + wait;
-        *next = Some(next.map_or(until, |n| n.max(until)));
-    }
-}
 
 /// The wait after `failures` failures in a row: doubling from `interval` up
 /// to [`MAX_SYNC_BACKOFF`] (or `interval`, if longer), never less than a
@@ -185,33 +139,5 @@ mod tests {
             (4..=6).contains(&polls),
             "{polls} polls under 429 with Retry-After: 120"
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_budget_spaces_requests_across_callers() {
-        let budget = Arc::new(CmaBudget::new(5));
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..10 {
-            let budget = Arc::clone(&budget);
-            tasks.push(tokio::spawn(async move {
-                budget.acquire().await;
-                Instant::now()
-            }));
-        }
-        let mut times = Vec::new();
-        for task in tasks {
-            times.push(task.await.unwrap() - start);
-        }
-        times.sort();
-        for pair in times.windows(2) {
-            assert!(pair[1] - pair[0] >= Duration::from_millis(200), "{times:?}");
-        }
-        assert!(times[9] >= Duration::from_millis(1800));
-
-        budget.hold_off(Duration::from_secs(30));
-        let before = Instant::now();
-        budget.acquire().await;
-        assert!(Instant::now() - before >= Duration::from_secs(30));
     }
 }

@@ -204,9 +204,17 @@ pub fn unix_secs(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Seconds since `time`, for reports.
+pub fn age_secs(time: SystemTime) -> u64 {
+    SystemTime::now()
+        .duration_since(time)
+        .map_or(0, |d| d.as_secs())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::diff::next;
     use crate::registry::model::{Environment, Lookup};
 
     fn token(uid: &str, value: &str, preview: Option<&str>) -> Token {
@@ -230,18 +238,16 @@ mod tests {
     fn round_trips_without_values_and_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/website.json");
-        let (reg, _) = Registry::default()
-            .next(
-                vec![
-                    token("a", "secret-a", Some("secret-p")),
-                    token("b", "secret-b", None),
-                ],
-                5,
-            )
-            .unwrap();
-        let (reg, _) = reg
-            .next(vec![token("a", "secret-a", Some("secret-p"))], 6)
-            .unwrap();
+        let (reg, _) = next(
+            &Registry::default(),
+            vec![
+                token("a", "secret-a", Some("secret-p")),
+                token("b", "secret-b", None),
+            ],
+            5,
+        )
+        .unwrap();
+        let (reg, _) = next(&reg, vec![token("a", "secret-a", Some("secret-p"))], 6).unwrap();
         let reg = reg.with_admin_revocation("a", true).unwrap();
         write(&path, "website", &reg, SystemTime::now()).unwrap();
 

@@ -4,14 +4,22 @@
 //! one. Paging stops on a short page or when `count` is reached; a full page
 //! that adds no new uid means the CMA is looping, which is a failure, not the
 //! end of the list (ending there would drop every token after it).
+//!
+//! The CMA allows 10 GET/s per organization, shared with every other tool the
+//! customer runs. Every page request of every stack takes a slot from one
+//! [`CmaBudget`] ([`CMA_REQUESTS_PER_SECOND`]), and a 429's `Retry-After`
+//! holds back every stack, so that the gateway never bursts the budget however
+//! many stacks it serves.
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER, USER_AGENT};
 use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use tokio::time::Instant;
 
 use super::model::{Digest, Token};
 use super::parse::{parse_token_list, ParseError};
@@ -29,6 +37,46 @@ pub const MAX_PAGE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const MIN_PAGE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Largest page body accepted.
 pub const MAX_PAGE_BYTES: usize = 32 * 1024 * 1024;
+
+/// CMA requests per second the gateway allows itself, across all stacks: half
+/// of the organization's 10 GET/s, leaving the rest to other tools.
+pub const CMA_REQUESTS_PER_SECOND: u32 = 5;
+/// Spaces CMA requests: at most one per `1 / rate` seconds, none before a
+/// `Retry-After` has passed.
+#[derive(Debug)]
+pub struct CmaBudget {
+    spacing: Duration,
+    next: Mutex<Option<Instant>>,
+}
+
+impl CmaBudget {
+    /// A budget of `per_second` requests per second.
+    pub fn new(per_second: u32) -> CmaBudget {
+        CmaBudget {
+            spacing: Duration::from_secs(1) / per_second.max(1),
+            next: Mutex::new(None),
+        }
+    }
+
+    /// Waits for the next free slot and takes it.
+    pub async fn acquire(&self) {
+        let slot = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let slot = next.map_or(now, |n| n.max(now));
+            *next = Some(slot + self.spacing);
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+
+    /// Takes no slot before `wait` from now (a 429's `Retry-After`).
+    pub fn hold_off(&self, wait: Duration) {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Instant::now() + wait;
+        *next = Some(next.map_or(until, |n| n.max(until)));
+    }
+}
 
 /// Why a fetch failed. Never contains a credential or a token value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,7 +151,7 @@ pub struct CmaClient {
     pub auth: CmaAuth,
     pub credential: Secret,
     /// Shared by every stack: spaces page requests, honours `Retry-After`.
-    pub budget: std::sync::Arc<super::poll::CmaBudget>,
+    pub budget: std::sync::Arc<CmaBudget>,
     /// How long one page may take.
     pub page_timeout: Duration,
 }
@@ -265,5 +313,40 @@ impl FileSource {
         let page = parse_token_list(&body)?;
         self.last = Some((stamp.0, stamp.1, digest));
         Ok(Fetched::Tokens(page.tokens))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_spaces_requests_across_callers() {
+        let budget = Arc::new(CmaBudget::new(5));
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let budget = Arc::clone(&budget);
+            tasks.push(tokio::spawn(async move {
+                budget.acquire().await;
+                Instant::now()
+            }));
+        }
+        let mut times = Vec::new();
+        for task in tasks {
+            times.push(task.await.unwrap() - start);
+        }
+        times.sort();
+        for pair in times.windows(2) {
+            assert!(pair[1] - pair[0] >= Duration::from_millis(200), "{times:?}");
+        }
+        assert!(times[9] >= Duration::from_millis(1800));
+
+        budget.hold_off(Duration::from_secs(30));
+        let before = Instant::now();
+        budget.acquire().await;
+        assert!(Instant::now() - before >= Duration::from_secs(30));
     }
 }

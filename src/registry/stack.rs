@@ -15,7 +15,7 @@ use arc_swap::ArcSwapOption;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::diff::Diff;
+use super::diff::{next, Diff};
 use super::model::{Registry, Token};
 use super::snapshot::{self, unix_secs};
 use super::source::{Fetched, Source, SyncError};
@@ -228,7 +228,7 @@ impl StackRegistry {
             Some(tokens) => self.guard_removals(&mut state, &base, tokens, force),
             None => (None, Vec::new()),
         };
-        let next = tokens.and_then(|tokens| base.next(tokens, unix_secs(wall)));
+        let next = tokens.and_then(|tokens| next(&base, tokens, unix_secs(wall)));
         let (registry, change) = match next {
             Some((registry, diff)) => {
                 let registry = Arc::new(registry);

@@ -5,7 +5,7 @@ use http::uri::{Authority, Scheme};
 
 use super::*;
 use crate::config::{RegistrySettings, Source};
-use crate::registry::{Diff, Environment, Registry, Scope, StackRegistry};
+use crate::registry::{Change, Diff, Environment, Registry, Scope, StackRegistry};
 use crate::route::{Cors, Route, RouteKind, Upstream};
 
 struct Fixture {

@@ -1,0 +1,62 @@
+//! The access log: one line per request, target `stackgate::access`, with
+//! the same fields on every line (SPEC §7): request id, stack, token uid,
+//! route, the status answered (none when the request was aborted), the
+//! reason of a refusal, the error that aborted a request, and the duration.
+
+use std::time::Duration;
+
+use crate::metrics::{NO_STACK, NO_TOKEN};
+
+/// Who a request was for, as far as it is known.
+pub struct Access<'a> {
+    pub request_id: &'a str,
+    pub stack: &'a str,
+    pub token: &'a str,
+    pub route: &'static str,
+}
+
+/// How a request ended.
+pub enum Outcome<'a> {
+    /// Answered by the upstream with this status.
+    Forwarded(u16),
+    /// Refused with this status and reason.
+    Refused(u16, &'static str),
+    /// A CORS preflight answered by the gateway.
+    Preflight,
+    /// Cut off without a response.
+    Aborted(&'a dyn std::fmt::Display),
+}
+
+impl<'a> Access<'a> {
+    /// A request about which nothing is known but its id.
+    pub fn anonymous(request_id: &'a str) -> Self {
+        Access {
+            request_id,
+            stack: NO_STACK,
+            token: NO_TOKEN,
+            route: "",
+        }
+    }
+
+    /// Writes the request's access line.
+    pub fn write(&self, outcome: Outcome<'_>, elapsed: Duration) {
+        let (message, status, reason, error) = match outcome {
+            Outcome::Forwarded(status) => ("forwarded", Some(status), None, None),
+            Outcome::Refused(status, reason) => ("refused", Some(status), Some(reason), None),
+            Outcome::Preflight => ("preflight", Some(204), None, None),
+            Outcome::Aborted(error) => ("request aborted", None, None, Some(error)),
+        };
+        tracing::info!(
+            target: "stackgate::access",
+            request_id = %self.request_id,
+            stack = %self.stack,
+            token = %self.token,
+            route = %self.route,
+            status,
+            reason,
+            error = error.map(tracing::field::display),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "{message}"
+        );
+    }
+}

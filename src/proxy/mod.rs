@@ -1,0 +1,357 @@
+//! The request path: check, decide, forward, stream back.
+//!
+//! Every request goes through [`handle`]: row 16 ([`check_http`]), then the
+//! decision ([`decide`]), then the rate limits of row 15 ([`crate::limits`]),
+//! then, for a permit, the session registration, the upstream call and the
+//! streaming response. Every refusal is rendered by
+//! [`response::refusal`]; nothing refused is forwarded.
+//!
+//! - [`outgoing`]: what the origin receives.
+//! - [`body`]: the response body wrapper (revocation, stalls, guards).
+//! - [`access`]: the access line every request ends with.
+
+pub mod access;
+pub mod body;
+pub mod outgoing;
+
+pub use body::{Aborted, Tracked};
+pub use outgoing::REQUEST_ID;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header;
+use http::request::Parts;
+use http::uri::Scheme;
+use http::{Request, Response, Version};
+use http_body::Body as HttpBody;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::conn::{ActivityGuard, ConnInfo};
+use crate::decision::{check_http, decide, recheck, Decision, Permit, Refusal};
+use crate::limits::Limited as RateLimited;
+use crate::metrics::{NO_STACK, NO_TOKEN};
+use crate::reject::{BadRequest, Reject};
+use crate::response::{self, Body};
+use crate::state::Shared;
+use crate::upstream::h1pool::Leased;
+use access::{Access, Outcome};
+use outgoing::{log_id, request_id, strip_hop_by_hop, upstream_request};
+
+/// Serves one request. An `Err` makes hyper reset the stream (HTTP/2) or
+/// close the connection (HTTP/1.1), which is how revocation cuts a request
+/// off before its response head.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Aborted> {
+    let started = Instant::now();
+    let activity = conn.activity.begin(request.version() == Version::HTTP_2);
+    let (mut parts, body) = request.into_parts();
+    let request_id = request_id(&mut parts.headers);
+    let mut response = route_request(&shared, &conn, &parts, body, started, activity).await?;
+    response.headers_mut().insert(REQUEST_ID, request_id);
+    Ok(response)
+}
+
+/// Holds the request's activity guard until a locally made response's body
+/// is sent (a forwarded response's body holds it itself).
+fn finish(response: Response<Body>, activity: ActivityGuard) -> Response<Body> {
+    response.map(|body| Tracked::new(body, None, Some(activity), None).boxed_unsync())
+}
+
+async fn route_request(
+    shared: &Shared,
+    conn: &ConnInfo,
+    parts: &Parts,
+    body: Incoming,
+    started: Instant,
+    activity: ActivityGuard,
+) -> Result<Response<Body>, Aborted> {
+    let http = if conn.activity.smuggled() {
+        Err(BadRequest::Malformed)
+    } else {
+        check_http(parts, shared.config.server.max_body_bytes)
+    };
+    if let Err(bad) = http {
+        let refusal = Refusal {
+            reject: Reject::BadRequest(bad),
+            route: None,
+            stack: None,
+            token: None,
+        };
+        return Ok(finish(refuse(shared, parts, refusal, started), activity));
+    }
+    let client = conn.peer.ip();
+    match decide(&shared.router, &shared.stacks, parts, started) {
+        Decision::Preflight(route) => {
+            let access = Access {
+                route: route.kind.name(),
+                ..Access::anonymous(log_id(parts))
+            };
+            access.write(Outcome::Preflight, started.elapsed());
+            let response = response::preflight(route, parts.headers.get(header::ORIGIN));
+            Ok(finish(response, activity))
+        }
+        Decision::Refuse(refusal) => {
+            let refusal = count_failed_auth(shared, client, refusal);
+            Ok(finish(refuse(shared, parts, refusal, started), activity))
+        }
+        Decision::Forward(permit) => match admit(shared, client, &permit) {
+            Ok(()) => forward(shared, conn, parts, body, permit, started, activity).await,
+            Err(refusal) => Ok(finish(refuse(shared, parts, refusal, started), activity)),
+        },
+    }
+}
+
+/// Row 15 for a permitted request: the client's failed-authentication
+/// penalty first, then the token's and the origin's buckets.
+///
+/// `decide` is pure, so having run it for a penalised client and answering
+/// 429 instead is the same, seen from outside, as not evaluating the token
+/// at all: the penalty refusal names no token and spends no token budget.
+fn admit<'a>(shared: &Shared, client: IpAddr, permit: &Permit<'a>) -> Result<(), Refusal<'a>> {
+    let limits = &shared.limits;
+    let stack = permit.stack;
+    let refusal = |limited: RateLimited, token: Option<Arc<str>>| Refusal {
+        reject: limited.reject(),
+        route: Some(permit.route),
+        stack: Some(stack),
+        token,
+    };
+    limits
+        .penalized(stack.index, client)
+        .map_err(|limited| refusal(limited, None))?;
+    limits
+        .admit(stack.index, &permit.token)
+        .map_err(|limited| refusal(limited, Some(Arc::clone(&permit.token.uid))))
+}
+
+/// A failed authentication (rows 8 to 14) spends a cell of the client's
+/// bucket; once that is empty the answer is 429 whatever the token, so that
+/// it tells a brute-forcer nothing (see [`crate::limits`]).
+fn count_failed_auth<'a>(shared: &Shared, client: IpAddr, refusal: Refusal<'a>) -> Refusal<'a> {
+    let Some(stack) = refusal.stack.filter(|_| refusal.reject.is_failed_auth()) else {
+        return refusal;
+    };
+    match shared.limits.failed_auth(stack.index, client) {
+        Ok(()) => refusal,
+        Err(limited) => Refusal {
+            reject: limited.reject(),
+            route: refusal.route,
+            stack: Some(stack),
+            token: None,
+        },
+    }
+}
+
+/// Counts, logs and answers a refusal.
+fn refuse(
+    shared: &Shared,
+    parts: &Parts,
+    refusal: Refusal<'_>,
+    started: Instant,
+) -> Response<Body> {
+    let Refusal {
+        reject,
+        route,
+        stack,
+        token,
+    } = refusal;
+    let access = Access {
+        request_id: log_id(parts),
+        stack: stack.map_or(NO_STACK, |s| &s.name),
+        token: token.as_deref().unwrap_or(NO_TOKEN),
+        route: route.map_or("", |r| r.kind.name()),
+    };
+    let metrics = &shared.metrics;
+    metrics
+        .rejections
+        .with_label_values(&[access.stack, reject.reason()])
+        .inc();
+    if let (Some(stack), Some(uid)) = (stack, &token) {
+        shared.usage.record(stack.index, uid, true);
+    }
+    let outcome = match reject {
+        Reject::UpstreamError | Reject::UpstreamTimeout => "upstream_error",
+        _ => "rejected",
+    };
+    metrics
+        .requests
+        .with_label_values(&[access.stack, access.token, access.route, outcome])
+        .inc();
+    let elapsed = started.elapsed();
+    if let Some(route) = route {
+        shared.durations.request[route.kind.index()].observe(elapsed.as_secs_f64());
+    }
+    let response = response::refusal(&reject, route, parts.headers.get(header::ORIGIN));
+    let status = response.status().as_u16();
+    access.write(Outcome::Refused(status, reject.reason()), elapsed);
+    response
+}
+
+async fn forward(
+    shared: &Shared,
+    conn: &ConnInfo,
+    parts: &Parts,
+    body: Incoming,
+    permit: Permit<'_>,
+    started: Instant,
+    activity: ActivityGuard,
+) -> Result<Response<Body>, Aborted> {
+    let access = Access {
+        request_id: log_id(parts),
+        stack: &permit.stack.name,
+        token: &permit.token.uid,
+        route: permit.route.kind.name(),
+    };
+    let aborted = |aborted: Aborted| {
+        access.write(Outcome::Aborted(&aborted), started.elapsed());
+        Err(aborted)
+    };
+    let refused = |refusal, activity| Ok(finish(refuse(shared, parts, refusal, started), activity));
+    // A body to read (GraphQL POSTs) is read by a future on the heap, so that
+    // the request future stays small, and bodiless GETs allocate nothing
+    // for it (see `upstream::h1pool::Inner::connect_boxed`).
+    let read = if body.is_end_stream() {
+        Ok(Bytes::new())
+    } else {
+        Box::pin(read_body(body, shared.config.server.max_body_bytes)).await
+    };
+    let body = match read {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => {
+            let reject = Reject::BadRequest(BadRequest::BodyTooLarge);
+            return refused(permit_refusal(&permit, reject), activity);
+        }
+        Err(BodyError::Client(err)) => return aborted(Aborted::ClientBody(err)),
+    };
+    let guard = shared
+        .sessions
+        .begin(&conn.sessions, &permit, parts.version == Version::HTTP_2);
+    if let Some(refusal) = recheck(&shared.router, &shared.stacks, parts, &permit, started) {
+        drop(guard);
+        return refused(refusal, activity);
+    }
+    // Requests lease an HTTP/1.1 upstream connection from the light pool,
+    // except HTTP/2 ones to an https upstream: they take the shared client,
+    // which multiplexes them over h2 if the upstream offers it by ALPN.
+    // (Over plain http the shared client would speak HTTP/1.1 too.)
+    let pooled = parts.version == Version::HTTP_2 && permit.route.upstream.scheme == Scheme::HTTPS;
+    let Some(upstream_request) = upstream_request(parts, &permit, conn, body, pooled) else {
+        let reject = Reject::BadRequest(BadRequest::Malformed);
+        return refused(permit_refusal(&permit, reject), activity);
+    };
+
+    let upstream_started = Instant::now();
+    let timeout = shared.config.upstream.request_timeout;
+    let call = tokio::time::timeout(timeout, async {
+        if pooled {
+            let response = shared.client.request(upstream_request).await;
+            response
+                .map(|response| (response, None))
+                .map_err(UpstreamFailure::Pooled)
+        } else {
+            let upstream = &permit.route.upstream;
+            let response = shared.h1pool.send(upstream, upstream_request).await;
+            response
+                .map(|(response, lease)| (response, Some(lease)))
+                .map_err(UpstreamFailure::H1)
+        }
+    });
+    // An HTTP/2 stream is reset on its own; on HTTP/1.1 the connection task
+    // drops the whole connection, this future with it.
+    let answer = match guard.cancel() {
+        Some(cancel) => tokio::select! {
+            biased;
+            () = cancel.cancelled() => return aborted(Aborted::Revoked),
+            answer = call => answer,
+        },
+        None => call.await,
+    };
+    let kind = permit.route.kind;
+    let (upstream, lease) = match answer {
+        Ok(Ok(answered)) => answered,
+        Ok(Err(err)) => {
+            tracing::warn!(route = access.route, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
+            let reject = if connect_timed_out(&err) {
+                Reject::UpstreamTimeout
+            } else {
+                Reject::UpstreamError
+            };
+            return refused(permit_refusal(&permit, reject), activity);
+        }
+        Err(_elapsed) => {
+            return refused(permit_refusal(&permit, Reject::UpstreamTimeout), activity)
+        }
+    };
+    let durations = &shared.durations;
+    durations.upstream[kind.index()].observe(upstream_started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed();
+    durations.request[kind.index()].observe(elapsed.as_secs_f64());
+    shared.usage.forwarded(
+        &shared.metrics,
+        (permit.stack.index, &permit.stack.name),
+        &permit.token.uid,
+        kind,
+    );
+    access.write(Outcome::Forwarded(upstream.status().as_u16()), elapsed);
+
+    let (mut head, body) = upstream.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    head.version = Version::HTTP_11;
+    // `request_timeout` also bounds every silence of the upstream body, so a
+    // stalled origin cannot hold a client connection forever.
+    let stall = Some(shared.config.upstream.request_timeout);
+    // Read to the end, the body gives its HTTP/1.1 connection back to the pool.
+    let body = Leased::new(body, lease);
+    let body = Tracked::new(body, Some(guard), Some(activity), stall).boxed_unsync();
+    Ok(Response::from_parts(head, body))
+}
+
+/// A refusal of a request that had been permitted (its token is known).
+fn permit_refusal<'a>(permit: &Permit<'a>, reject: Reject) -> Refusal<'a> {
+    Refusal {
+        reject,
+        route: Some(permit.route),
+        stack: Some(permit.stack),
+        token: Some(Arc::clone(&permit.token.uid)),
+    }
+}
+
+/// Whether the upstream could not even be reached within `connect_timeout`:
+/// that is a timeout (504, row 17), not a refusal (502).
+fn connect_timed_out(err: &UpstreamFailure) -> bool {
+    match err {
+        UpstreamFailure::Pooled(err) => err.is_connect() && crate::upstream::timed_out(err),
+        UpstreamFailure::H1(err) => err.is_connect_timeout(),
+    }
+}
+
+/// Why an upstream call failed, in the shared pool or the HTTP/1.1 one.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamFailure {
+    #[error(transparent)]
+    Pooled(hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    H1(crate::upstream::h1pool::SendError),
+}
+
+enum BodyError {
+    TooLarge,
+    Client(String),
+}
+
+/// Reads a request body up to `max` bytes (GraphQL queries; GETs have none).
+async fn read_body(body: Incoming, max: u64) -> Result<Bytes, BodyError> {
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Err(err) => Err(BodyError::Client(err.to_string())),
+    }
+}

@@ -1,0 +1,123 @@
+//! The state the request path, the admin API and the registry services act
+//! on, and the one function that applies a registry change to it.
+//!
+//! [`Shared`] sits below the listeners: [`crate::proxy`], [`crate::admin`]
+//! and the sync services call down into it, and it calls nothing above it.
+//! Every registry change, whatever learned of it (a sync, an admin
+//! revocation), goes through [`Shared::apply_change`]: sessions the change
+//! no longer allows are cut, per-token state of tokens that are gone is
+//! forgotten, and the registry metrics follow.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::limits::Limits;
+use crate::metrics::{Metrics, RouteDurations, TokenUsage};
+use crate::registry::snapshot::unix_secs;
+use crate::registry::source::SyncError;
+use crate::registry::{Change, Registry, StackRegistry, Stacks, SyncReport};
+use crate::route::Router;
+use crate::sessions::Sessions;
+use crate::upstream::h1pool::H1Pool;
+use crate::upstream::HttpClient;
+
+/// Everything the request path and the admin API share.
+pub struct Shared {
+    pub config: Config,
+    pub router: Router,
+    pub stacks: Stacks,
+    pub sessions: Arc<Sessions>,
+    pub client: HttpClient,
+    /// The HTTP/1.1 upstream pool HTTP/1.1 client requests take.
+    pub h1pool: H1Pool,
+    pub metrics: Metrics,
+    /// The duration histograms, resolved per route kind.
+    pub durations: RouteDurations,
+    pub usage: TokenUsage,
+    /// Rate limits (SPEC §6).
+    pub limits: Limits,
+}
+
+impl Shared {
+    /// Syncs one stack now and applies what changed.
+    pub async fn sync_stack(&self, stack: &StackRegistry, force: bool) -> SyncReport {
+        let (report, change) = stack.sync(force).await;
+        self.after_sync(stack, &report, change);
+        report
+    }
+
+    fn after_sync(&self, stack: &StackRegistry, report: &SyncReport, change: Option<Change>) {
+        let name = &*stack.name;
+        let status = stack.status();
+        if let Some(err) = &status.last_error {
+            self.metrics
+                .registry_sync_failures
+                .with_label_values(&[name])
+                .inc();
+            // A bad credential fails every poll: say so once per streak.
+            let first = status.consecutive_failures == 1;
+            if first || !matches!(err, SyncError::Credential(_)) {
+                tracing::error!(stack = name, failures = status.consecutive_failures, error = %err, "registry sync failed; serving the last good registry");
+            }
+            return;
+        }
+        if let Some(view) = stack.view() {
+            record_registry(&self.metrics, stack, &view.registry);
+        }
+        self.metrics
+            .registry_held_back
+            .with_label_values(&[name])
+            .set(report.held_back.len() as i64);
+        if let Some(change) = change {
+            self.apply_change(stack, &change, false);
+        }
+    }
+
+    /// Ends the sessions a change no longer allows and drops the metric
+    /// series of tokens that are gone. Returns how many sessions and
+    /// requests it cut.
+    pub fn apply_change(&self, stack: &StackRegistry, change: &Change, admin: bool) -> usize {
+        let diff = &change.diff;
+        let revocation = self.sessions.revoke(stack.index, change, admin);
+        if !admin {
+            for uid in &diff.removed {
+                self.metrics.forget_token(&stack.name, uid);
+                self.usage.forget(stack.index, uid);
+                self.limits.forget(stack.index, uid);
+            }
+        }
+        record_registry(&self.metrics, stack, &change.registry);
+        tracing::info!(
+            stack = %stack.name,
+            version = change.registry.version(),
+            added = diff.added.len(),
+            removed = diff.removed.len(),
+            preview_removed = diff.preview_removed.len(),
+            rotated = diff.rotated.len(),
+            narrowed = diff.narrowed.len(),
+            changed = diff.changed.len(),
+            sessions_cancelled = revocation.cancelled,
+            "registry changed"
+        );
+        revocation.cancelled
+    }
+}
+
+/// Sets a stack's registry gauges: token count, version, last success.
+pub fn record_registry(metrics: &Metrics, stack: &StackRegistry, registry: &Registry) {
+    let name = &*stack.name;
+    metrics
+        .registry_tokens
+        .with_label_values(&[name])
+        .set(registry.len() as i64);
+    metrics
+        .registry_version
+        .with_label_values(&[name])
+        .set(i64::try_from(registry.version()).unwrap_or(i64::MAX));
+    if let Some(success) = stack.status().last_success {
+        metrics
+            .registry_last_success
+            .with_label_values(&[name])
+            .set(unix_secs(success) as f64);
+    }
+}
