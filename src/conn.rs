@@ -51,8 +51,6 @@ pub struct Activity {
     /// 1 + milliseconds after `base` of the first byte of a head not yet
     /// complete; 0 when none is arriving.
     partial_since: AtomicU64,
-    /// Requests finished, so the head scanner knows when a new head starts.
-    finished: AtomicU64,
     /// A head with conflicting framing was read (SPEC §3 row 16).
     smuggled: AtomicBool,
     /// Close with a reset rather than a FIN: the connection was revoked.
@@ -72,7 +70,6 @@ impl Activity {
             http2: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             partial_since: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
             smuggled: AtomicBool::new(false),
             abortive: AtomicBool::new(false),
         })
@@ -115,13 +112,6 @@ impl Activity {
         self.abortive.load(Ordering::Acquire)
     }
 
-    /// Requests finished so far, and whether none is in flight: where a new
-    /// request head may start.
-    pub fn head_boundary(&self) -> (u64, bool) {
-        let finished = self.finished.load(Ordering::Acquire);
-        (finished, self.in_flight.load(Ordering::Acquire) == 0)
-    }
-
     /// Bytes arrived: with nothing in flight they start a head, which
     /// `header_timeout` then bounds.
     pub fn read_some(&self) {
@@ -157,7 +147,6 @@ impl Drop for ActivityGuard {
         activity
             .idle_since
             .store(activity.now_ms(), Ordering::Release);
-        activity.finished.fetch_add(1, Ordering::AcqRel);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

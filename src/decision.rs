@@ -9,11 +9,12 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use http::header::{HeaderName, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
-use http::HeaderMap;
+use http::{HeaderMap, Method, Version};
 use tokio::time::Instant;
 
+use crate::canonical::{self, Ambiguity};
 use crate::registry::model::DEFAULT_BRANCH;
 use crate::registry::{Digest, Lookup, StackRegistry, Stacks, Token, TokenKind};
 use crate::reject::{BadRequest, Reject};
@@ -27,6 +28,8 @@ pub const ACCESS_TOKEN: HeaderName = HeaderName::from_static("access_token");
 pub const PREVIEW_TOKEN: HeaderName = HeaderName::from_static("preview_token");
 /// Header carrying a branch or alias.
 pub const BRANCH: HeaderName = HeaderName::from_static("branch");
+/// Header some SDKs (Java, Android) carry the environment in.
+pub const ENVIRONMENT: HeaderName = HeaderName::from_static("environment");
 /// A user session token: never accepted at the edge.
 pub const AUTHTOKEN: HeaderName = HeaderName::from_static("authtoken");
 
@@ -56,8 +59,8 @@ pub enum SessionKind {
 #[derive(Debug)]
 pub struct Permit<'a> {
     pub route: &'a Route,
-    /// The path to forward (route prefix stripped).
-    pub path: &'a str,
+    /// The path to forward: normalized, route prefix stripped.
+    pub path: Cow<'a, str>,
     pub stack: &'a Arc<StackRegistry>,
     pub token: Arc<Token>,
     pub session: SessionKind,
@@ -89,48 +92,99 @@ pub enum Decision<'a> {
 }
 
 /// Headers a request may carry at most once (row 16), `content-length` first.
-static SINGLE: [HeaderName; 5] = [CONTENT_LENGTH, API_KEY, ACCESS_TOKEN, PREVIEW_TOKEN, BRANCH];
+static SINGLE: [HeaderName; 7] = [
+    CONTENT_LENGTH,
+    HOST,
+    API_KEY,
+    ACCESS_TOKEN,
+    PREVIEW_TOKEN,
+    BRANCH,
+    ENVIRONMENT,
+];
 
 /// Row 16: the HTTP layer's checks, before anything else is looked at.
 /// Hyper already answers heads it cannot parse (or that overflow its buffer);
-/// this catches what it lets through.
+/// this catches what it lets through, and every request the gateway and an
+/// origin could read two ways ([`crate::canonical`]).
 pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> {
     let url_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if url_len > MAX_URL_BYTES {
         return Err(BadRequest::UrlTooLong);
     }
-    // One pass over the headers: the head's size, and how often each header
-    // that must appear at most once does.
+    // One pass over the headers: the head's size, how often each header that
+    // must appear at most once does, and the spellings and `Connection`
+    // options that would give a second reading.
     let headers = &parts.headers;
     let mut head = url_len;
     let mut seen = [0u8; SINGLE.len()];
     let mut transfer_encoding = false;
+    let mut ambiguous = false;
     for (name, value) in headers {
         head += name.as_str().len() + value.len() + 4;
         if name == TRANSFER_ENCODING {
             transfer_encoding = true;
         } else if let Some(i) = SINGLE.iter().position(|single| single == name) {
             seen[i] = seen[i].saturating_add(1);
+        } else if name == CONNECTION {
+            ambiguous |= canonical::connection_lists_protected(value);
+        } else {
+            ambiguous |= canonical::misspelled_header(name);
         }
     }
     if head > MAX_HEAD_BYTES {
         return Err(BadRequest::HeadTooLarge);
     }
     // `seen[0]` counts `content-length`.
-    if (transfer_encoding && seen[0] > 0) || seen.iter().any(|&n| n > 1) {
+    if ambiguous || (transfer_encoding && seen[0] > 0) || seen.iter().any(|&n| n > 1) {
         return Err(BadRequest::Malformed);
     }
-    if let Some(length) = headers.get(CONTENT_LENGTH) {
-        let length: u64 = length
+    let length = match headers.get(CONTENT_LENGTH) {
+        None => 0,
+        Some(length) => length
             .to_str()
             .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or(BadRequest::Malformed)?;
-        if length > max_body_bytes {
-            return Err(BadRequest::BodyTooLarge);
-        }
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or(BadRequest::Malformed)?,
+    };
+    if length > max_body_bytes {
+        return Err(BadRequest::BodyTooLarge);
+    }
+    // No body on GET or HEAD: a second request or a form could hide in it.
+    let bodiless = parts.method == Method::GET || parts.method == Method::HEAD;
+    if bodiless && (transfer_encoding || length > 0) {
+        return Err(BadRequest::Malformed);
+    }
+    check_hosts(parts).map_err(|_| BadRequest::Malformed)?;
+    let environment = match headers.get(ENVIRONMENT) {
+        Some(value) => Some(value.to_str().map_err(|_| BadRequest::Malformed)?),
+        None => None,
+    };
+    if let Some(query) = parts.uri.query() {
+        canonical::check_query(query, environment).map_err(|_| BadRequest::Malformed)?;
     }
     Ok(())
+}
+
+/// One host: a `Host` without userinfo that the target's authority (an
+/// absolute-form target, or h2's `:authority`) agrees with; none missing
+/// where HTTP/1.1 or h2 requires one.
+fn check_hosts(parts: &Parts) -> Result<(), Ambiguity> {
+    let host = parts
+        .headers
+        .get(HOST)
+        .map(|h| canonical::check_host(h.as_bytes()));
+    let target = parts
+        .uri
+        .authority()
+        .map(|a| canonical::check_host(a.as_str().as_bytes()));
+    match (host.transpose()?, target.transpose()?) {
+        (Some(host), Some(target)) if !host.eq_ignore_ascii_case(target) => {
+            Err(Ambiguity::HostMismatch)
+        }
+        (None, None) if parts.version == Version::HTTP_2 => Err(Ambiguity::NoHost),
+        (None, _) if parts.version == Version::HTTP_11 => Err(Ambiguity::NoHost),
+        _ => Ok(()),
+    }
 }
 
 /// Rows 1 to 14 of SPEC §3, in order.
@@ -146,9 +200,12 @@ pub fn decide<'a>(
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
     });
-    // Row 1.
-    let Some((route, path)) = router.find(host, parts.uri.path()) else {
-        return refuse(Reject::NoRoute, None, None, None);
+    // Row 16's path rules need the routes: see `find_route`.
+    let (route, path) = match find_route(router, host, parts.uri.path()) {
+        Ok(Some(found)) => found,
+        // Row 1.
+        Ok(None) => return refuse(Reject::NoRoute, None, None, None),
+        Err(route) => return refuse(Reject::BadRequest(BadRequest::Malformed), route, None, None),
     };
     let refuse_here = |reject| refuse(reject, Some(route), None, None);
     if is_preflight(parts) {
@@ -177,6 +234,10 @@ pub fn decide<'a>(
             }
         }
     }
+    // The `environment` header some SDKs send is checked like the query.
+    if let Some(value) = parts.headers.get(ENVIRONMENT) {
+        environments.push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
     // Row 4.
     if parts.headers.contains_key(http::header::AUTHORIZATION)
         || parts.headers.contains_key(AUTHTOKEN)
@@ -185,7 +246,7 @@ pub fn decide<'a>(
     }
     // Row 5.
     let api_key = if route.kind.api_key_in_path() {
-        api_key_from_path(path)
+        api_key_from_path(&path)
     } else {
         parts.headers.get(API_KEY).and_then(|v| v.to_str().ok())
     };
@@ -296,6 +357,49 @@ pub fn decide<'a>(
         branch,
         version: registry.version(),
     })
+}
+
+/// The route for `host` and `path`, and the path to forward: normalized
+/// ([`canonical::normalize_path`]), its route prefix stripped. `Ok(None)`:
+/// no route (row 1). `Err` (row 16): the path cannot be normalized, or the
+/// raw and the normalized path would be read differently: matched to
+/// different routes where either has a prefix (`/cda/../admin`), or naming
+/// different stacks on GraphQL (`/stacks/a/../b`).
+fn find_route<'a>(
+    router: &'a Router,
+    host: Option<&str>,
+    raw: &'a str,
+) -> Result<Option<(&'a Route, Cow<'a, str>)>, Option<&'a Route>> {
+    let normal = canonical::normalize_path(raw).map_err(|_| None)?;
+    let normal = match normal {
+        Cow::Borrowed(path) => {
+            return Ok(router
+                .find(host, path)
+                .map(|(route, rest)| (route, Cow::Borrowed(rest))))
+        }
+        Cow::Owned(normal) => normal,
+    };
+    let read_raw = router.find(host, raw);
+    let Some((route, rest)) = router.find(host, &normal) else {
+        let climbed = read_raw.filter(|(r, _)| r.path_prefix.is_some());
+        return match climbed {
+            Some((route, _)) => Err(Some(route)),
+            None => Ok(None),
+        };
+    };
+    let same_route = read_raw.is_some_and(|(r, _)| std::ptr::eq(r, route));
+    let prefixed =
+        route.path_prefix.is_some() || read_raw.is_some_and(|(r, _)| r.path_prefix.is_some());
+    if prefixed && !same_route {
+        return Err(Some(route));
+    }
+    if route.kind.api_key_in_path() {
+        let raw_key = read_raw.and_then(|(_, raw_rest)| api_key_from_path(raw_rest));
+        if raw_key != api_key_from_path(rest) {
+            return Err(Some(route));
+        }
+    }
+    Ok(Some((route, Cow::Owned(rest.to_owned()))))
 }
 
 /// Whether a permit still holds once its session is registered.

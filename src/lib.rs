@@ -13,6 +13,7 @@
 //! - [`registry`]: tokens per stack, synced from the CMA or a file, snapshotted,
 //!   swapped whole, with a diff per change.
 //! - [`reject`]: why a request is refused, one reason per row of SPEC §3.
+//! - [`canonical`]: one reading of a request: spellings, hosts, query, path.
 //! - [`decision`]: the decision table of SPEC §3 as pure functions.
 //! - [`sessions`]: live sessions per token, and revocation.
 //! - [`conn`]: what a client connection knows (peer, sessions, activity).
@@ -40,6 +41,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod canonical;
 pub mod config;
 pub mod conn;
 pub mod decision;

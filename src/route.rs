@@ -192,7 +192,11 @@ impl Router {
 
     /// The route for `host` (a Host header or URI authority, port allowed)
     /// and `path`, with the path to forward (prefix stripped).
-    pub fn find<'a>(&'a self, host: Option<&str>, path: &'a str) -> Option<(&'a Route, &'a str)> {
+    pub fn find<'r, 'p>(
+        &'r self,
+        host: Option<&str>,
+        path: &'p str,
+    ) -> Option<(&'r Route, &'p str)> {
         let exact = host
             .map(normalize_host)
             .and_then(|name| self.by_host.get(name.as_ref()));

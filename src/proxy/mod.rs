@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::header;
 use http::request::Parts;
 use http::uri::Scheme;
-use http::{Request, Response, Version};
+use http::{Method, Request, Response, Version};
 use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -217,16 +217,28 @@ async fn forward(
     // A body to read (GraphQL POSTs) is read by a future on the heap, so that
     // the request future stays small, and bodiless GETs allocate nothing
     // for it (see `upstream::h1pool::Inner::connect_boxed`).
+    // GET and HEAD may carry no body at all (row 16): an h2 client can send
+    // DATA frames without a `content-length` for `check_http` to see.
+    let bodiless = parts.method == Method::GET || parts.method == Method::HEAD;
     let read = if body.is_end_stream() {
         Ok(Bytes::new())
     } else {
-        Box::pin(read_body(body, shared.config.server.max_body_bytes)).await
+        let max = if bodiless {
+            0
+        } else {
+            shared.config.server.max_body_bytes
+        };
+        Box::pin(read_body(body, max)).await
     };
     let body = match read {
         Ok(body) => body,
         Err(BodyError::TooLarge) => {
-            let reject = Reject::BadRequest(BadRequest::BodyTooLarge);
-            return refused(permit_refusal(&permit, reject), activity);
+            let bad = if bodiless {
+                BadRequest::Malformed
+            } else {
+                BadRequest::BodyTooLarge
+            };
+            return refused(permit_refusal(&permit, Reject::BadRequest(bad)), activity);
         }
         Err(BodyError::Client(err)) => return aborted(Aborted::ClientBody(err)),
     };

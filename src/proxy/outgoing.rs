@@ -1,6 +1,8 @@
 //! What the origin receives: the upstream request built from the client's,
 //! and the hop-by-hop headers that never cross the gateway.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -8,8 +10,9 @@ use http::uri::{PathAndQuery, Uri};
 use http::Request;
 use http_body_util::Full;
 
+use crate::canonical::canonical_query;
 use crate::conn::ConnInfo;
-use crate::decision::{Permit, SessionKind, PREVIEW_TOKEN};
+use crate::decision::{Permit, SessionKind, ACCESS_TOKEN, API_KEY, BRANCH, PREVIEW_TOKEN};
 
 /// The request id header, added when absent and returned on every response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -56,10 +59,15 @@ pub fn log_id(parts: &Parts) -> &str {
         .unwrap_or("")
 }
 
-/// The request to send upstream: same method, path (prefix stripped), query
-/// and headers, minus hop-by-hop headers and an ignored `preview_token`. Its
-/// URI is absolute for the `pooled` client, else in origin form (the HTTP/1.1
-/// pool sets `Host` itself).
+/// The request to send upstream, rebuilt from what was checked (SPEC §2):
+/// same method; the normalized path (prefix stripped) and the query
+/// re-encoded from its parsed pairs; the client's headers minus hop-by-hop
+/// ones, `Host` and an ignored `preview_token`, with every credential and
+/// scope header carrying the value that was checked (the stack's api_key on
+/// REST routes, none on GraphQL where it is in the path; the checked branch)
+/// and token values marked sensitive, so that HPACK never indexes them.
+/// Its URI is absolute for the `pooled` client, else in origin form (the
+/// HTTP/1.1 pool sets `Host` itself).
 pub fn upstream_request(
     parts: &Parts,
     permit: &Permit<'_>,
@@ -67,13 +75,18 @@ pub fn upstream_request(
     body: Bytes,
     pooled: bool,
 ) -> Option<Request<Full<Bytes>>> {
-    let path_and_query = match parts.uri.path_and_query() {
-        // No prefix stripped: the client's path and query as they are.
-        Some(pq) if std::ptr::eq(pq.path(), permit.path) => pq.clone(),
+    let query = parts.uri.query().map(canonical_query);
+    let path_and_query = match (parts.uri.path_and_query(), &permit.path, &query) {
+        // Nothing rewritten: the client's path and query as they are.
+        (Some(pq), Cow::Borrowed(path), None | Some(Cow::Borrowed(_)))
+            if std::ptr::eq(pq.path(), *path) =>
+        {
+            pq.clone()
+        }
         _ => {
-            let text = match parts.uri.query() {
+            let text = match &query {
                 Some(query) => format!("{}?{query}", permit.path),
-                None => permit.path.to_owned(),
+                None => permit.path.clone().into_owned(),
             };
             PathAndQuery::try_from(text).ok()?
         }
@@ -94,6 +107,19 @@ pub fn upstream_request(
     headers.remove(header::HOST);
     if permit.session == SessionKind::Delivery {
         headers.remove(PREVIEW_TOKEN);
+    }
+    if permit.route.kind.api_key_in_path() {
+        headers.remove(API_KEY);
+    } else {
+        headers.insert(API_KEY, HeaderValue::from_str(&permit.stack.api_key).ok()?);
+    }
+    if headers.contains_key(BRANCH) {
+        headers.insert(BRANCH, HeaderValue::from_str(&permit.branch).ok()?);
+    }
+    for name in [ACCESS_TOKEN, PREVIEW_TOKEN] {
+        if let Some(value) = headers.get_mut(&name) {
+            value.set_sensitive(true);
+        }
     }
     let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
         Some(prior) => {

@@ -9,8 +9,10 @@
 //! is not used because it also cuts idle keep-alive connections short.
 //!
 //! - [`io`]: the watched socket (activity, head scanning, abortive close).
+//! - [`framing`]: follows a request stream's framing to find smuggling shapes.
 //! - [`tls`]: the TLS configuration and its reload.
 
+mod framing;
 mod io;
 mod tls;
 

@@ -72,7 +72,7 @@ fn token(uid: &str, branches: &[&str]) -> Arc<Token> {
 fn permit<'a>(f: &'a Fixture, token: &Arc<Token>, kind: SessionKind, branch: &str) -> Permit<'a> {
     Permit {
         route: &f.route,
-        path: "/",
+        path: std::borrow::Cow::Borrowed("/"),
         stack: &f.stack,
         token: Arc::clone(token),
         session: kind,

@@ -1,0 +1,450 @@
+//! One reading of a request (SPEC §2 and row 16 of §3).
+//!
+//! The gateway checks a request, then forwards a request rebuilt from what it
+//! checked. For that to be safe, the gateway and any reasonable origin must
+//! be unable to read the request two ways. This module holds the rules:
+//!
+//! - header names: a credential or scope header is checked and forwarded in
+//!   its underscore spelling only (`access_token`); the hyphen spelling
+//!   (`access-token`), which some servers treat as the same name, is refused;
+//! - hosts: one `Host`, no userinfo, and an absolute-form target or h2
+//!   `:authority` that agrees with it;
+//! - `Connection` may not name a credential, scope, `Host` or forwarding
+//!   header (that would have it stripped after it was checked);
+//! - the query: pairs separated by `&` only (a `;` is refused), credential and
+//!   scope names in their one lower-case spelling, no `name[...]` forms, no
+//!   `branch` (the gateway checks the `branch` header); what is forwarded is
+//!   re-encoded from the parsed pairs ([`canonical_query`]);
+//! - the path: dot-segments resolved and empty segments collapsed
+//!   ([`normalize_path`]); an encoded slash or backslash, a NUL, or a path
+//!   that climbs above the root is refused.
+//!
+//! Everything here is pure and allocation-free on the common path.
+
+use std::borrow::Cow;
+
+use http::header::{HeaderName, HeaderValue};
+
+/// Header names of the credentials and scopes the gateway checks, in the one
+/// spelling it accepts.
+pub const CHECKED_HEADERS: [&str; 5] = [
+    "api_key",
+    "access_token",
+    "preview_token",
+    "branch",
+    "environment",
+];
+
+/// Query names that are credentials (row 3 refuses them) or scopes.
+const SCOPED_PARAMS: [&str; 7] = [
+    "api_key",
+    "access_token",
+    "preview_token",
+    "authtoken",
+    "authorization",
+    "environment",
+    "branch",
+];
+
+/// Why a request has more than one reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ambiguity {
+    /// A credential or scope name in a spelling the gateway does not check.
+    Spelling,
+    /// A `Connection` header naming a header the gateway checks or sets.
+    ConnectionListed,
+    /// Userinfo in a host, or a host that does not parse.
+    BadHost,
+    /// Two hosts that disagree (two `Host`s, or `Host` against the target).
+    HostMismatch,
+    /// No host at all.
+    NoHost,
+    /// A query a lenient server would split or name differently.
+    Query,
+    /// A path a lenient server would resolve differently.
+    Path,
+}
+
+/// Whether `name` is a credential or scope header in a spelling other than
+/// the one checked: the same name once `-` reads as `_`.
+pub fn misspelled_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.contains('-') && CHECKED_HEADERS.iter().any(|c| same_but_dashes(name, c))
+}
+
+/// `a` equals `checked` when every `-` of `a` is read as `_`.
+fn same_but_dashes(a: &str, checked: &str) -> bool {
+    a.len() == checked.len()
+        && a.bytes()
+            .zip(checked.bytes())
+            .all(|(x, y)| x == y || (x == b'-' && y == b'_'))
+}
+
+/// Whether a `Connection` header value lists a header that must reach the
+/// origin exactly as checked or set by the gateway.
+pub fn connection_lists_protected(value: &HeaderValue) -> bool {
+    let Ok(text) = value.to_str() else {
+        return true;
+    };
+    text.split(',').any(|option| {
+        let option = option.trim().to_ascii_lowercase();
+        let underscored = option.replace('-', "_");
+        CHECKED_HEADERS.contains(&underscored.as_str())
+            || option == "host"
+            || option == "forwarded"
+            || option == "x-request-id"
+            || option.starts_with("x-forwarded-")
+    })
+}
+
+/// Checks a `Host` value or an authority: it must parse, and carry no
+/// userinfo. Returns it for comparison.
+pub fn check_host(value: &[u8]) -> Result<&str, Ambiguity> {
+    let text = std::str::from_utf8(value).map_err(|_| Ambiguity::BadHost)?;
+    if text.is_empty() || text.contains('@') || text.parse::<http::uri::Authority>().is_err() {
+        return Err(Ambiguity::BadHost);
+    }
+    Ok(text)
+}
+
+/// Checks a query's shape: `&`-separated pairs only, credential and scope
+/// names in their one spelling, no `branch`.
+/// `environment` is the `environment` header, if the request has one: every
+/// `environment` pair must agree with it.
+pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambiguity> {
+    if query.contains(';') {
+        return Err(Ambiguity::Query);
+    }
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let raw_key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let key = decode(raw_key);
+        let base = key.split('[').next().unwrap_or(&key);
+        let lowered = base.to_ascii_lowercase().replace('-', "_");
+        let Some(name) = SCOPED_PARAMS.iter().find(|p| **p == lowered) else {
+            continue;
+        };
+        // Row 3 refuses a credential in its own spelling; any other spelling
+        // of any of these names is a second reading.
+        if *key != **name || *name == "branch" {
+            return Err(Ambiguity::Query);
+        }
+        if let (Some(header), "environment") = (environment, *name) {
+            let value = pair.split_once('=').map_or("", |(_, v)| v);
+            if decode(value) != header {
+                return Err(Ambiguity::Query);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `application/x-www-form-urlencoded` decoding of one key or value, as
+/// `form_urlencoded::parse` decodes it: `+` is a space, `%XX` a byte, and
+/// bytes that are not UTF-8 read as U+FFFD.
+fn decode(text: &str) -> Cow<'_, str> {
+    if !text.bytes().any(|b| b == b'%' || b == b'+') {
+        return Cow::Borrowed(text);
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| {
+            char::from(b)
+                .to_digit(16)
+                .and_then(|d| u8::try_from(d).ok())
+        };
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(high), Some(low)) => {
+                    out.push(high * 16 + low);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The query to forward: re-encoded from its parsed pairs, so that what the
+/// origin decodes is what the gateway decoded, whether the origin reads `+`
+/// as a space (form encoding) or not: a space goes out as `%20`, a `+` as
+/// `%2B`, and every byte outside [`kept`] percent-encoded. A query already in
+/// that form (nearly all of them) is returned as it is.
+pub fn canonical_query(query: &str) -> Cow<'_, str> {
+    let plain = query.split('&').all(|pair| {
+        !pair.is_empty()
+            && pair.bytes().filter(|&b| b == b'=').count() <= 1
+            && pair.bytes().all(|b| b == b'=' || kept(b))
+    });
+    if plain {
+        return Cow::Borrowed(query);
+    }
+    let mut out = String::with_capacity(query.len() + 8);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        let (key, value) = match pair.split_once('=') {
+            Some((key, value)) => (key, Some(value)),
+            None => (pair, None),
+        };
+        encode_into(&mut out, &decode(key));
+        if let Some(value) = value {
+            out.push('=');
+            encode_into(&mut out, &decode(value));
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Bytes a query keeps as they are: RFC 3986's unreserved characters and
+/// the sub-delimiters and gen-delimiters that no parser splits on.
+fn kept(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric()
+        || matches!(
+            byte,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b','
+                | b'/'
+                | b':'
+                | b'@'
+                | b'['
+                | b']'
+        )
+}
+
+fn encode_into(out: &mut String, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &byte in text.as_bytes() {
+        if kept(byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
+}
+
+/// The path with dot-segments resolved and empty segments collapsed
+/// (a trailing slash is kept). `%2e` counts as a dot, since a lenient server
+/// decodes it. Refuses a path that climbs above the root, an encoded slash
+/// or backslash, a raw backslash, and an encoded NUL.
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Ambiguity> {
+    let bytes = path.as_bytes();
+    let simple = !bytes.contains(&b'%')
+        && !bytes.contains(&b'\\')
+        && !path.contains("//")
+        && !path.contains("/.");
+    if simple || !path.starts_with('/') {
+        return Ok(Cow::Borrowed(path));
+    }
+    if path.contains('\\') {
+        return Err(Ambiguity::Path);
+    }
+    let lower = path.to_ascii_lowercase();
+    if ["%2f", "%5c", "%00"].iter().any(|bad| lower.contains(bad)) {
+        return Err(Ambiguity::Path);
+    }
+    let mut kept: Vec<&str> = Vec::new();
+    let mut segments = path[1..].split('/').peekable();
+    let mut trailing = false;
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        let dots = dot_segment(segment);
+        match dots {
+            Some(1) => trailing = last,
+            Some(_) => {
+                if kept.pop().is_none() {
+                    return Err(Ambiguity::Path);
+                }
+                trailing = last;
+            }
+            None if segment.is_empty() => trailing = last,
+            None => {
+                kept.push(segment);
+                trailing = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for segment in &kept {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing || out.is_empty() {
+        out.push('/');
+    }
+    if out == path {
+        Ok(Cow::Borrowed(path))
+    } else {
+        Ok(Cow::Owned(out))
+    }
+}
+
+/// `Some(1)` for `.`, `Some(2)` for `..`, with `%2e` read as a dot.
+fn dot_segment(segment: &str) -> Option<u8> {
+    let mut rest = segment;
+    let mut dots = 0u8;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('.') {
+            rest = after;
+        } else if rest.len() >= 3 && rest.as_bytes()[..3].eq_ignore_ascii_case(b"%2e") {
+            rest = &rest[3..];
+        } else {
+            return None;
+        }
+        dots += 1;
+        if dots > 2 {
+            return None;
+        }
+    }
+    (dots > 0).then_some(dots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_dot_segments_and_collapse_slashes() {
+        let ok = |p: &str| normalize_path(p).map(Cow::into_owned);
+        assert_eq!(ok("/v3/entries"), Ok("/v3/entries".to_owned()));
+        assert_eq!(ok("/v3//entries/"), Ok("/v3/entries/".to_owned()));
+        assert_eq!(ok("/cda/../admin"), Ok("/admin".to_owned()));
+        assert_eq!(ok("/cda//evil.test/x"), Ok("/cda/evil.test/x".to_owned()));
+        assert_eq!(ok("/a/./b/%2e/c"), Ok("/a/b/c".to_owned()));
+        assert_eq!(ok("/a/b/%2E%2e/c"), Ok("/a/c".to_owned()));
+        assert_eq!(ok("/a/.."), Ok("/".to_owned()));
+        assert_eq!(ok("/a/.hidden/..."), Ok("/a/.hidden/...".to_owned()));
+        assert_eq!(ok("/a%20b"), Ok("/a%20b".to_owned()));
+        assert!(matches!(normalize_path("/v3/x"), Ok(Cow::Borrowed(_))));
+        for bad in [
+            "/..",
+            "/a/../../b",
+            "/%2e%2e/x",
+            "/a%2fb",
+            "/a%5Cb",
+            "/a\\b",
+            "/a%00",
+        ] {
+            assert_eq!(normalize_path(bad), Err(Ambiguity::Path), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queries_have_one_spelling() {
+        for ok in [
+            "environment=production",
+            "locale=en-us&environment=production",
+            "query=%7Bentries%7D",
+            "access_token=x",
+            "x[]=1",
+            "",
+        ] {
+            assert_eq!(check_query(ok, None), Ok(()), "{ok}");
+        }
+        for bad in [
+            "environment[]=staging",
+            "Environment=staging",
+            "locale=en-us;environment=staging",
+            "ENVIRONMENT=staging",
+            "access-token=x",
+            "%65nvironment%5B0%5D=staging",
+            "branch=development",
+            "api-key=x",
+        ] {
+            assert_eq!(check_query(bad, None), Err(Ambiguity::Query), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_environment_header_and_query_must_agree() {
+        let both = |q| check_query(q, Some("production"));
+        assert_eq!(both("environment=production"), Ok(()));
+        assert_eq!(both("environment=product%69on"), Ok(()));
+        assert_eq!(both("locale=en"), Ok(()));
+        assert_eq!(both("environment=staging"), Err(Ambiguity::Query));
+        assert_eq!(
+            both("environment=production&environment=staging"),
+            Err(Ambiguity::Query)
+        );
+    }
+
+    #[test]
+    fn decoding_reads_like_form_urlencoded() {
+        for text in ["a+b", "%41%2b", "b=c", "%", "%4", "%zz", "%E2%82%AC", "%FF"] {
+            let theirs = form_urlencoded::parse(format!("k={text}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned());
+            assert_eq!(Some(decode(text).into_owned()), theirs, "{text}");
+        }
+    }
+
+    #[test]
+    fn canonical_queries_reencode_what_was_parsed() {
+        for plain in [
+            "a=1&b=2",
+            "include[]=author&locale=en-us",
+            "flag",
+            "q=a.b:c",
+        ] {
+            assert!(
+                matches!(canonical_query(plain), Cow::Borrowed(_)),
+                "{plain}"
+            );
+        }
+        assert_eq!(canonical_query("a=%31&&b"), "a=1&b");
+        assert_eq!(canonical_query("q=a+b&x=%7B%7D"), "q=a%20b&x=%7B%7D");
+        assert_eq!(canonical_query("q=a%2Bb"), "q=a%2Bb");
+        assert_eq!(canonical_query("a=b=c"), "a=b%3Dc");
+        assert_eq!(canonical_query("e=%E2%82%AC"), "e=%E2%82%AC");
+    }
+
+    #[test]
+    fn hyphen_spellings_of_checked_headers_are_misspelled() {
+        let name = |s: &'static str| HeaderName::from_static(s);
+        assert!(misspelled_header(&name("access-token")));
+        assert!(misspelled_header(&name("api-key")));
+        assert!(misspelled_header(&name("preview-token")));
+        assert!(!misspelled_header(&name("access_token")));
+        assert!(!misspelled_header(&name("x-api-key")));
+        assert!(!misspelled_header(&name("content-type")));
+    }
+
+    #[test]
+    fn connection_may_not_list_checked_headers() {
+        let listed = |s: &'static str| connection_lists_protected(&HeaderValue::from_static(s));
+        assert!(listed("branch"));
+        assert!(listed("close, Access_Token"));
+        assert!(listed("access-token"));
+        assert!(listed("X-Forwarded-For"));
+        assert!(listed("host"));
+        assert!(!listed("keep-alive"));
+        assert!(!listed("close"));
+    }
+
+    #[test]
+    fn hosts_carry_no_userinfo() {
+        assert_eq!(check_host(b"cdn.test:8080"), Ok("cdn.test:8080"));
+        assert_eq!(
+            check_host(b"cdn.test:1@preview.test"),
+            Err(Ambiguity::BadHost)
+        );
+        assert_eq!(check_host(b""), Err(Ambiguity::BadHost));
+        assert_eq!(check_host(b"a b"), Err(Ambiguity::BadHost));
+    }
+}
