@@ -3,10 +3,14 @@
 //! `check_http` and `decide` run against a fixed world (four routes by host,
 //! two by prefix on any host, the demo tokens with one revoked); neither may
 //! panic, and a forwarded request carries no management credential and no
-//! credential in its query.
+//! credential in its query. A request that passes row 16 and is forwarded
+//! is rebuilt as the origin would receive it, and read the way a lenient
+//! server reads it: every credential, scope and routing value in it is one
+//! that was checked.
 
 #![no_main]
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -16,6 +20,10 @@ use http::uri::{Authority, Scheme};
 use http::{Method, Request, Uri};
 use libfuzzer_sys::fuzz_target;
 use stackgate::config::{RegistrySettings, Source};
+use stackgate::conn::ConnInfo;
+use stackgate::metrics::Metrics;
+use stackgate::proxy::outgoing::upstream_request;
+use stackgate::sessions::Sessions;
 use stackgate::decision::{check_http, decide, Decision};
 use stackgate::registry::diff::next;
 use stackgate::registry::parse::parse_token_list;
@@ -108,10 +116,81 @@ fn head(data: &[u8]) -> http::request::Parts {
     }
 }
 
+fn sessions() -> &'static Arc<Sessions> {
+    static SESSIONS: OnceLock<Arc<Sessions>> = OnceLock::new();
+    SESSIONS.get_or_init(|| {
+        let metrics = Metrics::new().unwrap_or_else(|_| unreachable!("metrics register"));
+        Sessions::new(metrics, vec![Arc::from("demo")])
+    })
+}
+
+/// A name as a lenient server reads it: any case, `-` as `_`, `name[..]` as `name`.
+fn lenient(name: &str) -> String {
+    let name = name.split('[').next().unwrap_or(name);
+    name.to_ascii_lowercase().replace('-', "_")
+}
+
+/// What the origin would receive, read leniently, is what was checked
+/// (SPEC §2): one token (the one presented in its checked header), the
+/// stack's api_key (REST), environments and branches inside the token's
+/// scope, and a path with nothing left to resolve.
+fn assert_one_reading(parts: &http::request::Parts, permit: &stackgate::decision::Permit<'_>) {
+    let conn = ConnInfo::new(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+        "http",
+        sessions().connection(),
+    );
+    let Some(request) = upstream_request(parts, permit, &conn, bytes::Bytes::new(), false) else {
+        return;
+    };
+    let mut values: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    for (name, value) in request.headers() {
+        values.entry(lenient(name.as_str())).or_default().push(value.as_bytes().to_vec());
+    }
+    let query = request.uri().query().unwrap_or("");
+    for pair in query.split(['&', ';']) {
+        for (key, value) in form_urlencoded::parse(pair.as_bytes()) {
+            values.entry(lenient(&key)).or_default().push(value.as_bytes().to_vec());
+        }
+    }
+    let all = |name: &str| values.get(name).cloned().unwrap_or_default();
+    let presented = |name: &str| parts.headers.get(name).map(|v| v.as_bytes().to_vec());
+    let (credential, other) = if permit.route.kind.is_preview() {
+        ("preview_token", "access_token")
+    } else {
+        ("access_token", "preview_token")
+    };
+    assert_eq!(all(credential), presented(credential).into_iter().collect::<Vec<_>>());
+    if !permit.route.kind.is_preview() {
+        assert!(all(other).is_empty(), "an unchecked {other} forwarded");
+    } else {
+        assert!(all(other).len() <= 1);
+    }
+    if permit.route.kind.api_key_in_path() {
+        assert!(all("api_key").is_empty(), "an unchecked api_key forwarded");
+    } else {
+        assert_eq!(all("api_key"), vec![permit.stack.api_key.as_bytes().to_vec()]);
+    }
+    for environment in all("environment") {
+        let environment = String::from_utf8_lossy(&environment).into_owned();
+        assert!(permit.token.scope.allows_environment(&environment), "{environment}");
+    }
+    for branch in all("branch") {
+        let branch = String::from_utf8_lossy(&branch).trim().to_owned();
+        assert!(permit.token.scope.allows_branch(&branch), "{branch}");
+    }
+    assert!(request.headers().get("host").is_none());
+    let path = request.uri().path();
+    let lowered = path.to_ascii_lowercase();
+    assert!(!path.contains("//") && !path.contains("/./") && !path.contains("/../"), "{path}");
+    assert!(!lowered.contains("%2f") && !lowered.contains("/%2e"), "{path}");
+    assert!(!path.ends_with("/.") && !path.ends_with("/.."), "{path}");
+}
+
 fuzz_target!(|data: &[u8]| {
     let world = world();
     let parts = head(data);
-    let _ = check_http(&parts, 1 << 20);
+    let checked = check_http(&parts, 1 << 20).is_ok();
     if let Decision::Forward(permit) = decide(
         &world.router,
         &world.stacks,
@@ -125,5 +204,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(!query.starts_with(param) && !query.contains(&format!("&{param}")));
         }
         assert_eq!(&*permit.stack.api_key, "blt_demo_stack");
+        if checked {
+            assert_one_reading(&parts, &permit);
+        }
     }
 });

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Instructions per request under callgrind: what one allowed HTTP/1.1 request
+# costs stackgate, counted by valgrind, so that the figure does not move with
+# the machine's load. With BASE=<git revision>, the same is measured for that
+# revision (built in a temporary worktree) in the same run, and the ratio is
+# printed: the way to check that a change to the request path costs what it
+# should.
+#
+#   bash benches/instructions.sh
+#   BASE=HEAD~3 bash benches/instructions.sh
+#
+# What it starts (all on 127.0.0.1, all stopped on exit): a Python origin
+# answering every request `200 {"entries":[]}` over HTTP/1.1 keep-alive, and
+# each gateway in turn under `valgrind --tool=callgrind`, with a tokens_file of
+# TOKENS (1,000) tokens and one delivery route. After a warm-up, counting is
+# switched on, wrk sends REQUESTS_SECONDS (15) seconds of keep-alive requests
+# on 4 connections with one valid token and a query, and the instructions
+# counted are divided by the requests wrk completed. The access log is off
+# (RUST_LOG=warn) unless ACCESS_LOG=on.
+#
+# Needs: valgrind, wrk (installed with apt-get when missing), python3, curl.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+BASE=${BASE:-}
+TOKENS=${TOKENS:-1000}
+SECONDS_LOAD=${REQUESTS_SECONDS:-15}
+ACCESS_LOG=${ACCESS_LOG:-off}
+PORT_ORIGIN=${PORT_ORIGIN:-18381}
+PORT_GATEWAY=${PORT_GATEWAY:-18382}
+PORT_ADMIN=${PORT_ADMIN:-18383}
+
+for tool in valgrind wrk; do
+    if ! command -v "$tool" >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq "$tool" >/dev/null
+    fi
+done
+
+OUT=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [ -n "$BASE" ] && [ -d "$OUT/base" ]; then git worktree remove --force "$OUT/base" || true; fi
+    rm -rf "$OUT"
+}
+trap cleanup EXIT
+
+# The origin.
+cat >"$OUT/origin.py" <<'PY'
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b'{"entries":[]}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+python3 "$OUT/origin.py" "$PORT_ORIGIN" &
+PIDS+=($!)
+
+# Tokens and config.
+python3 - "$OUT/tokens.json" "$TOKENS" <<'PY'
+import json, sys
+path, n = sys.argv[1], int(sys.argv[2])
+tokens = [{
+    "uid": f"blt_bench_{i:06d}", "name": f"bench {i}",
+    "token": f"cs_bench_value_{i:06d}", "type": "delivery",
+    "scope": [{"module": "environment", "acl": {"read": True},
+               "environments": [{"name": "production", "uid": "blt_env_prod"}]},
+              {"module": "branch", "acl": {"read": True}, "branches": ["main"]}],
+} for i in range(n)]
+json.dump({"tokens": tokens}, open(path, "w"))
+PY
+cat >"$OUT/stackgate.toml" <<EOF
+[listen]
+http = "127.0.0.1:$PORT_GATEWAY"
+admin = "127.0.0.1:$PORT_ADMIN"
+
+[[routes]]
+kind = "delivery"
+hosts = ["*"]
+upstream = "http://127.0.0.1:$PORT_ORIGIN"
+
+[[stacks]]
+name = "bench"
+api_key = "blt_bench_stack"
+
+[stacks.registry]
+tokens_file = "$OUT/tokens.json"
+EOF
+cat >"$OUT/request.lua" <<'LUA'
+wrk.headers["api_key"] = "blt_bench_stack"
+wrk.headers["access_token"] = "cs_bench_value_000042"
+wrk.path = "/v3/content_types/blog/entries?environment=production&locale=en-us&include[]=author"
+LUA
+
+wait_for() {
+    for _ in $(seq 1 600); do
+        if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "timed out waiting for $1" >&2
+    return 1
+}
+
+# measure NAME BINARY: prints "NAME instructions-per-request requests"
+measure() {
+    local name=$1 binary=$2 log="$OUT/$1.callgrind"
+    local filter=warn
+    [ "$ACCESS_LOG" = on ] && filter=info
+    RUST_LOG=$filter valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$log" "$binary" run --config "$OUT/stackgate.toml" \
+        >"$OUT/$name.out" 2>"$OUT/$name.err" &
+    local pid=$!
+    wait_for "http://127.0.0.1:$PORT_ADMIN/readyz"
+    # Warm-up, uncounted.
+    wrk -t1 -c4 -d3s -s "$OUT/request.lua" "http://127.0.0.1:$PORT_GATEWAY" >/dev/null
+    callgrind_control -z "$pid" >/dev/null
+    callgrind_control -i on "$pid" >/dev/null
+    wrk -t1 -c4 -d"${SECONDS_LOAD}s" -s "$OUT/request.lua" "http://127.0.0.1:$PORT_GATEWAY" >"$OUT/$name.wrk"
+    callgrind_control -i off "$pid" >/dev/null
+    kill -INT "$pid"
+    wait "$pid" || true
+    local requests non200 total
+    requests=$(awk '/requests in/ {print $1}' "$OUT/$name.wrk")
+    non200=$(awk '/Non-2xx/ {print $NF}' "$OUT/$name.wrk")
+    if [ -n "$non200" ]; then
+        echo "$name: $non200 answers were not 2xx" >&2
+        exit 1
+    fi
+    total=$(cat "$log"* | awk '/^(summary|totals):/ {s += $2} END {print s}')
+    python3 -c "print(f'$name {int($total) / $requests:.0f} $requests')"
+}
+
+cargo build --release --locked --bin stackgate >/dev/null
+RESULTS=()
+RESULTS+=("$(measure current target/release/stackgate)")
+if [ -n "$BASE" ]; then
+    git worktree add --detach -q "$OUT/base" "$BASE"
+    CARGO_TARGET_DIR="$(pwd)/target/bench-base" cargo build --release --locked \
+        --manifest-path "$OUT/base/Cargo.toml" --bin stackgate >/dev/null
+    RESULTS+=("$(measure base target/bench-base/release/stackgate)")
+fi
+
+echo
+echo "instructions per request (callgrind, HTTP/1.1 keep-alive, 4 connections, access log $ACCESS_LOG)"
+printf '%-8s %14s %10s\n' build instructions requests
+for line in "${RESULTS[@]}"; do
+    # shellcheck disable=SC2086
+    printf '%-8s %14s %10s\n' $line
+done
+if [ -n "$BASE" ]; then
+    current=$(echo "${RESULTS[0]}" | awk '{print $2}')
+    base=$(echo "${RESULTS[1]}" | awk '{print $2}')
+    python3 -c "print(f'current/base ({\"$BASE\"}): {$current / $base:.3f}')"
+fi
