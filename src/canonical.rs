@@ -247,6 +247,7 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Ambiguity> {
     let bytes = path.as_bytes();
     let simple = !bytes.contains(&b'%')
         && !bytes.contains(&b'\\')
+        && !bytes.contains(&b';')
         && !path.contains("//")
         && !path.contains("/.");
     if simple || !path.starts_with('/') {
@@ -256,7 +257,12 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Ambiguity> {
         return Err(Ambiguity::Path);
     }
     let lower = path.to_ascii_lowercase();
-    if ["%2f", "%5c", "%00"].iter().any(|bad| lower.contains(bad)) {
+    // Encoded slashes and backslashes, NUL, and the overlong UTF-8 forms of
+    // `.` and `/` (`%c0%ae`) that old decoders still honour.
+    if ["%2f", "%5c", "%00", "%c0", "%c1"]
+        .iter()
+        .any(|bad| lower.contains(bad))
+    {
         return Err(Ambiguity::Path);
     }
     let mut kept: Vec<&str> = Vec::new();
@@ -264,6 +270,12 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Ambiguity> {
     let mut trailing = false;
     while let Some(segment) = segments.next() {
         let last = segments.peek().is_none();
+        // `/..;x/` is `/../` to servers that strip path parameters (Tomcat).
+        if let Some((bare, _parameters)) = segment.split_once(';') {
+            if dot_segment(bare).is_some() {
+                return Err(Ambiguity::Path);
+            }
+        }
         let dots = dot_segment(segment);
         match dots {
             Some(1) => trailing = last,
@@ -331,6 +343,7 @@ mod tests {
         assert_eq!(ok("/a/.."), Ok("/".to_owned()));
         assert_eq!(ok("/a/.hidden/..."), Ok("/a/.hidden/...".to_owned()));
         assert_eq!(ok("/a%20b"), Ok("/a%20b".to_owned()));
+        assert_eq!(ok("/a;b/c"), Ok("/a;b/c".to_owned()));
         assert!(matches!(normalize_path("/v3/x"), Ok(Cow::Borrowed(_))));
         for bad in [
             "/..",
