@@ -14,22 +14,8 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-struct World {
-    gateway: TestGateway,
-    origin: origin::Origin,
-    _cma: cma::FakeCma,
-}
-
 async fn world() -> World {
-    let origin = origin::spawn_origin().await;
-    let cma = cma::spawn_cma().await;
-    cma.set_tokens(standard_tokens());
-    let gateway = spawn_ready(&config(&origin.url(), &cma_registry(&cma.url(), None))).await;
-    World {
-        gateway,
-        origin,
-        _cma: cma,
-    }
+    World::start(standard_tokens(), "").await
 }
 
 /// Writes `bytes` on a new connection and reads until the server closes

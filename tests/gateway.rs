@@ -12,31 +12,12 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-struct World {
-    gateway: TestGateway,
-    origin: origin::Origin,
-    _cma: cma::FakeCma,
-}
-
 async fn world() -> World {
-    world_with("").await
+    World::start(standard_tokens(), "").await
 }
 
 async fn world_with(extra: &str) -> World {
-    let origin = origin::spawn_origin().await;
-    let cma = cma::spawn_cma().await;
-    cma.set_tokens(standard_tokens());
-    let gateway = spawn_ready(&config_with(
-        &origin.url(),
-        &cma_registry(&cma.url(), None),
-        extra,
-    ))
-    .await;
-    World {
-        gateway,
-        origin,
-        _cma: cma,
-    }
+    World::start(standard_tokens(), extra).await
 }
 
 const SITE: (&str, &str) = ("api_key", API_KEY);

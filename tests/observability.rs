@@ -39,22 +39,8 @@ fn tokens() -> Vec<serde_json::Value> {
     tokens
 }
 
-struct World {
-    gateway: TestGateway,
-    origin: origin::Origin,
-    cma: cma::FakeCma,
-}
-
 async fn world() -> World {
-    let origin = origin::spawn_origin().await;
-    let cma = cma::spawn_cma().await;
-    cma.set_tokens(tokens());
-    let gateway = spawn_ready(&config(&origin.url(), &cma_registry(&cma.url(), None))).await;
-    World {
-        gateway,
-        origin,
-        cma,
-    }
+    World::start(tokens(), "").await
 }
 
 const SITE: (&str, &str) = ("api_key", API_KEY);

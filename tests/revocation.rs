@@ -19,22 +19,8 @@ use support::*;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-struct World {
-    gateway: TestGateway,
-    origin: origin::Origin,
-    cma: cma::FakeCma,
-}
-
 async fn world() -> World {
-    let origin = origin::spawn_origin().await;
-    let cma = cma::spawn_cma().await;
-    cma.set_tokens(standard_tokens());
-    let gateway = spawn_ready(&config(&origin.url(), &cma_registry(&cma.url(), None))).await;
-    World {
-        gateway,
-        origin,
-        cma,
-    }
+    World::start(standard_tokens(), "").await
 }
 
 impl World {

@@ -138,6 +138,31 @@ pub struct TestGateway {
     pub shared: Arc<Shared>,
 }
 
+/// A gateway in front of a recording origin, its registry synced from a
+/// fake CMA: what most end-to-end tests start with.
+pub struct World {
+    pub gateway: TestGateway,
+    pub origin: origin::Origin,
+    pub cma: cma::FakeCma,
+}
+
+impl World {
+    /// Starts the three, the CMA listing `tokens`, with `extra` top-level
+    /// TOML (`[server]`, `[upstream]`); returns once the registry is loaded.
+    pub async fn start(tokens: Vec<serde_json::Value>, extra: &str) -> World {
+        let origin = origin::spawn_origin().await;
+        let cma = cma::spawn_cma().await;
+        cma.set_tokens(tokens);
+        let registry = cma_registry(&cma.url(), None);
+        let gateway = spawn_ready(&config_with(&origin.url(), &registry, extra)).await;
+        World {
+            gateway,
+            origin,
+            cma,
+        }
+    }
+}
+
 /// Starts a gateway from config text (secrets from [`ADMIN_TOKEN`], [`CMA_SECRET`]).
 pub async fn spawn_gateway(text: &str) -> TestGateway {
     capture_logs();
