@@ -11,10 +11,11 @@
 //!   `:authority` that agrees with it;
 //! - `Connection` may not name a credential, scope, `Host` or forwarding
 //!   header (that would have it stripped after it was checked);
-//! - the query: pairs separated by `&` only (a `;` is refused), credential and
-//!   scope names in their one lower-case spelling, no `name[...]` forms, no
-//!   `branch` (the gateway checks the `branch` header); what is forwarded is
-//!   re-encoded from the parsed pairs ([`canonical_query`]);
+//! - the query: pairs separated by `&` only (a `;` is refused), no
+//!   `name[...]` or hyphen forms of credential and scope names (rows 3 and
+//!   13 read them in any case), no `branch` (the gateway checks the `branch`
+//!   header); what is forwarded is re-encoded from the parsed pairs
+//!   ([`canonical_query`]);
 //! - the path: dot-segments resolved and empty segments collapsed
 //!   ([`normalize_path`]); an encoded slash or backslash, a NUL, or a path
 //!   that climbs above the root is refused.
@@ -107,8 +108,8 @@ pub fn check_host(value: &[u8]) -> Result<&str, Ambiguity> {
     Ok(text)
 }
 
-/// Checks a query's shape: `&`-separated pairs only, credential and scope
-/// names in their one spelling, no `branch`.
+/// Checks a query's shape: `&`-separated pairs only, no bracketed or hyphen
+/// forms of credential and scope names, no `branch`.
 /// `environment` is the `environment` header, if the request has one: every
 /// `environment` pair must agree with it.
 pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambiguity> {
@@ -123,9 +124,10 @@ pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambigui
         let Some(name) = SCOPED_PARAMS.iter().find(|p| **p == lowered) else {
             continue;
         };
-        // Row 3 refuses a credential in its own spelling; any other spelling
-        // of any of these names is a second reading.
-        if *key != **name || *name == "branch" {
+        // Rows 3 and 13 read these names in any case; a `name[...]` form or
+        // a hyphen spelling is a second reading, and so is `branch`, which
+        // the gateway checks as a header.
+        if base.len() != key.len() || base.contains('-') || *name == "branch" {
             return Err(Ambiguity::Query);
         }
         if let (Some(header), "environment") = (environment, *name) {
@@ -366,15 +368,16 @@ mod tests {
             "query=%7Bentries%7D",
             "access_token=x",
             "x[]=1",
+            "Environment=staging",
+            "Access_Token=x",
             "",
         ] {
             assert_eq!(check_query(ok, None), Ok(()), "{ok}");
         }
         for bad in [
             "environment[]=staging",
-            "Environment=staging",
+            "Environment[]=staging",
             "locale=en-us;environment=staging",
-            "ENVIRONMENT=staging",
             "access-token=x",
             "%65nvironment%5B0%5D=staging",
             "branch=development",

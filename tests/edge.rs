@@ -106,7 +106,8 @@ async fn ambiguous_http1_requests_are_refused_before_the_origin() {
             "semicolon-separated query",
             allowed_head("/v3/x?locale=en-us;environment=staging", ""),
         ),
-        ("environment in another case", allowed_head("/v3/x?Environment=staging", "")),
+        ("bracketed environment in another case", allowed_head("/v3/x?Environment[]=staging", "")),
+        ("hyphenated credential in the query", allowed_head("/v3/x?access-token=x", "")),
         ("branch in the query", allowed_head("/v3/x?branch=development", "")),
         ("an encoded slash", allowed_head("/v3/a%2Fb", "")),
         ("climbing above the root", allowed_head("/v3/../../admin", "")),
@@ -389,6 +390,14 @@ async fn what_is_allowed_arrives_as_it_was_checked() {
             "/v3/x",
             &[token[0], token[1], ("environment", "staging")],
         ),
+    )
+    .await;
+    assert_eq!(reply.status, 403);
+    assert_eq!(reply.reason(), "environment_out_of_scope");
+    // In another case, the query parameter is checked all the same (row 13).
+    let reply = send(
+        w.gateway.http,
+        get("cdn.test", "/v3/x?Environment=staging", &token),
     )
     .await;
     assert_eq!(reply.status, 403);
