@@ -419,10 +419,12 @@ async fn a_request_waiting_for_its_response_head_is_aborted() {
     let w = world().await;
     let mut conn = keep_alive(w.gateway.http).await;
     let pending = tokio::spawn(async move {
-        let result = conn
-            .sender
-            .send_request(delivery("/slow?ms=5000", PROD))
-            .await;
+        let mut request = delivery("/slow?ms=5000", PROD);
+        request.headers_mut().insert(
+            "x-request-id",
+            http::HeaderValue::from_static("revoked-waiting-for-head"),
+        );
+        let result = conn.sender.send_request(request).await;
         (result.is_err(), conn)
     });
     w.origin.wait_for_requests(1).await;
@@ -435,4 +437,23 @@ async fn a_request_waiting_for_its_response_head_is_aborted() {
     assert!(failed, "the request must be aborted, not answered");
     assert!(started.elapsed() < Duration::from_secs(3));
     conn.wait_closed().await;
+    // Its access line says so, with the fields of every other line.
+    let line = || {
+        logs()
+            .lines()
+            .find(|l| l.contains("revoked-waiting-for-head") && l.contains("stackgate::access"))
+            .map(str::to_owned)
+    };
+    wait_until("the aborted request's access line", || line().is_some()).await;
+    let line = line().unwrap();
+    assert!(line.contains("request aborted"), "{line}");
+    for field in [
+        "stack=website",
+        "token=blt_prod",
+        "route=delivery",
+        "duration_ms=",
+    ] {
+        assert!(line.contains(field), "{field}: {line}");
+    }
+    assert!(!line.contains(PROD), "{line}");
 }

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use crate::metrics::{NO_STACK, NO_TOKEN};
 
 /// Who a request was for, as far as it is known.
@@ -58,5 +60,52 @@ impl<'a> Access<'a> {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "{message}"
         );
+    }
+}
+
+/// A forwarded request's access line, owed until it is written. If the
+/// request's future is dropped first (an HTTP/1.1 connection closed by a
+/// revocation drops its request with it; so does a client that goes away),
+/// the line is written on drop, as an aborted request.
+pub struct Pending<'a> {
+    access: Access<'a>,
+    started: Instant,
+    written: bool,
+}
+
+impl<'a> Pending<'a> {
+    /// The line of a request that started at `started`.
+    pub fn new(access: Access<'a>, started: Instant) -> Self {
+        Pending {
+            access,
+            started,
+            written: false,
+        }
+    }
+
+    /// Who the request was for.
+    pub fn access(&self) -> &Access<'a> {
+        &self.access
+    }
+
+    /// Writes the line now.
+    pub fn write(&mut self, outcome: Outcome<'_>) {
+        self.written = true;
+        self.access.write(outcome, self.started.elapsed());
+    }
+
+    /// Another path (a refusal) writes the line.
+    pub fn hand_off(&mut self) {
+        self.written = true;
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.written {
+            let why = "dropped before its response: connection revoked or client gone";
+            self.access
+                .write(Outcome::Aborted(&why), self.started.elapsed());
+        }
     }
 }

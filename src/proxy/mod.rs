@@ -38,7 +38,7 @@ use crate::reject::{BadRequest, Reject};
 use crate::response::{self, Body};
 use crate::state::Shared;
 use crate::upstream::h1pool::Leased;
-use access::{Access, Outcome};
+use access::{Access, Outcome, Pending};
 use outgoing::{log_id, request_id, strip_hop_by_hop, upstream_request};
 
 /// Serves one request. An `Err` makes hyper reset the stream (HTTP/2) or
@@ -203,17 +203,23 @@ async fn forward(
     started: Instant,
     activity: ActivityGuard,
 ) -> Result<Response<Body>, Aborted> {
-    let access = Access {
-        request_id: log_id(parts),
-        stack: &permit.stack.name,
-        token: &permit.token.uid,
-        route: permit.route.kind.name(),
-    };
-    let aborted = |aborted: Aborted| {
-        access.write(Outcome::Aborted(&aborted), started.elapsed());
+    let mut line = Pending::new(
+        Access {
+            request_id: log_id(parts),
+            stack: &permit.stack.name,
+            token: &permit.token.uid,
+            route: permit.route.kind.name(),
+        },
+        started,
+    );
+    let aborted = |line: &mut Pending<'_>, aborted: Aborted| {
+        line.write(Outcome::Aborted(&aborted));
         Err(aborted)
     };
-    let refused = |refusal, activity| Ok(finish(refuse(shared, parts, refusal, started), activity));
+    let refused = |line: &mut Pending<'_>, refusal, activity| {
+        line.hand_off();
+        Ok(finish(refuse(shared, parts, refusal, started), activity))
+    };
     // A body to read (GraphQL POSTs) is read by a future on the heap, so that
     // the request future stays small, and bodiless GETs allocate nothing
     // for it (see `upstream::h1pool::Inner::connect_boxed`).
@@ -238,16 +244,20 @@ async fn forward(
             } else {
                 BadRequest::BodyTooLarge
             };
-            return refused(permit_refusal(&permit, Reject::BadRequest(bad)), activity);
+            return refused(
+                &mut line,
+                permit_refusal(&permit, Reject::BadRequest(bad)),
+                activity,
+            );
         }
-        Err(BodyError::Client(err)) => return aborted(Aborted::ClientBody(err)),
+        Err(BodyError::Client(err)) => return aborted(&mut line, Aborted::ClientBody(err)),
     };
     let guard = shared
         .sessions
         .begin(&conn.sessions, &permit, parts.version == Version::HTTP_2);
     if let Some(refusal) = recheck(&shared.router, &shared.stacks, parts, &permit, started) {
         drop(guard);
-        return refused(refusal, activity);
+        return refused(&mut line, refusal, activity);
     }
     // Requests lease an HTTP/1.1 upstream connection from the light pool,
     // except HTTP/2 ones to an https upstream: they take the shared client,
@@ -256,7 +266,7 @@ async fn forward(
     let pooled = parts.version == Version::HTTP_2 && permit.route.upstream.scheme == Scheme::HTTPS;
     let Some(upstream_request) = upstream_request(parts, &permit, conn, body, pooled) else {
         let reject = Reject::BadRequest(BadRequest::Malformed);
-        return refused(permit_refusal(&permit, reject), activity);
+        return refused(&mut line, permit_refusal(&permit, reject), activity);
     };
 
     let upstream_started = Instant::now();
@@ -280,7 +290,7 @@ async fn forward(
     let answer = match guard.cancel() {
         Some(cancel) => tokio::select! {
             biased;
-            () = cancel.cancelled() => return aborted(Aborted::Revoked),
+            () = cancel.cancelled() => return aborted(&mut line, Aborted::Revoked),
             answer = call => answer,
         },
         None => call.await,
@@ -289,16 +299,20 @@ async fn forward(
     let (upstream, lease) = match answer {
         Ok(Ok(answered)) => answered,
         Ok(Err(err)) => {
-            tracing::warn!(route = access.route, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
+            tracing::warn!(route = line.access().route, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
             let reject = if connect_timed_out(&err) {
                 Reject::UpstreamTimeout
             } else {
                 Reject::UpstreamError
             };
-            return refused(permit_refusal(&permit, reject), activity);
+            return refused(&mut line, permit_refusal(&permit, reject), activity);
         }
         Err(_elapsed) => {
-            return refused(permit_refusal(&permit, Reject::UpstreamTimeout), activity)
+            return refused(
+                &mut line,
+                permit_refusal(&permit, Reject::UpstreamTimeout),
+                activity,
+            )
         }
     };
     let durations = &shared.durations;
@@ -311,7 +325,7 @@ async fn forward(
         &permit.token.uid,
         kind,
     );
-    access.write(Outcome::Forwarded(upstream.status().as_u16()), elapsed);
+    line.write(Outcome::Forwarded(upstream.status().as_u16()));
 
     let (mut head, body) = upstream.into_parts();
     strip_hop_by_hop(&mut head.headers);
