@@ -111,10 +111,10 @@ pub fn upstream_request(
     if permit.route.kind.api_key_in_path() {
         headers.remove(API_KEY);
     } else {
-        headers.insert(API_KEY, HeaderValue::from_str(&permit.stack.api_key).ok()?);
+        set_checked(&mut headers, API_KEY, &permit.stack.api_key)?;
     }
     if headers.contains_key(BRANCH) {
-        headers.insert(BRANCH, HeaderValue::from_str(&permit.branch).ok()?);
+        set_checked(&mut headers, BRANCH, &permit.branch)?;
     }
     for name in [ACCESS_TOKEN, PREVIEW_TOKEN] {
         if let Some(value) = headers.get_mut(&name) {
@@ -138,6 +138,15 @@ pub fn upstream_request(
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Some(request)
+}
+
+/// Makes `name` carry exactly `checked` (the client's value, usually, unless
+/// it had surrounding blanks the check trimmed).
+fn set_checked(headers: &mut HeaderMap, name: HeaderName, checked: &str) -> Option<()> {
+    if headers.get(&name).map(HeaderValue::as_bytes) != Some(checked.as_bytes()) {
+        headers.insert(name, HeaderValue::from_str(checked).ok()?);
+    }
+    Some(())
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
