@@ -18,11 +18,14 @@
 # counted are divided by the requests wrk completed. The access log is off
 # (RUST_LOG=warn) unless ACCESS_LOG=on.
 #
+# KEEP=DIR keeps the callgrind files there (for callgrind_annotate).
+#
 # Needs: valgrind, wrk (installed with apt-get when missing), python3, curl.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BASE=${BASE:-}
+KEEP=${KEEP:-}
 TOKENS=${TOKENS:-1000}
 SECONDS_LOAD=${REQUESTS_SECONDS:-15}
 ACCESS_LOG=${ACCESS_LOG:-off}
@@ -134,6 +137,7 @@ measure() {
         echo "$name: $non200 answers were not 2xx" >&2
         exit 1
     fi
+    if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && cp "$log"* "$KEEP/"; fi
     total=$(cat "$log"* | awk '/^(summary|totals):/ {s += $2} END {print s}')
     python3 -c "print(f'$name {int($total) / $requests:.0f} $requests')"
 }

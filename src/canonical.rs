@@ -73,6 +73,14 @@ pub fn misspelled_header(name: &HeaderName) -> bool {
     name.contains('-') && CHECKED_HEADERS.iter().any(|c| same_but_dashes(name, c))
 }
 
+/// `a` equals `checked` (lower case, `_`) in any case and with `-` for `_`.
+fn lenient_eq(a: &str, checked: &str) -> bool {
+    a.len() == checked.len()
+        && a.bytes()
+            .zip(checked.bytes())
+            .all(|(x, y)| x.to_ascii_lowercase() == y || (x == b'-' && y == b'_'))
+}
+
 /// `a` equals `checked` when every `-` of `a` is read as `_`.
 fn same_but_dashes(a: &str, checked: &str) -> bool {
     a.len() == checked.len()
@@ -88,24 +96,35 @@ pub fn connection_lists_protected(value: &HeaderValue) -> bool {
         return true;
     };
     text.split(',').any(|option| {
-        let option = option.trim().to_ascii_lowercase();
-        let underscored = option.replace('-', "_");
-        CHECKED_HEADERS.contains(&underscored.as_str())
-            || option == "host"
-            || option == "forwarded"
-            || option == "x-request-id"
-            || option.starts_with("x-forwarded-")
+        let option = option.trim();
+        CHECKED_HEADERS.iter().any(|c| lenient_eq(option, c))
+            || ["host", "forwarded", "x-request-id"]
+                .iter()
+                .any(|name| option.eq_ignore_ascii_case(name))
+            || option
+                .get(..12)
+                .is_some_and(|start| start.eq_ignore_ascii_case("x-forwarded-"))
     })
 }
 
 /// Checks a `Host` value or an authority: it must parse, and carry no
 /// userinfo. Returns it for comparison.
 pub fn check_host(value: &[u8]) -> Result<&str, Ambiguity> {
-    let text = std::str::from_utf8(value).map_err(|_| Ambiguity::BadHost)?;
-    if text.is_empty() || text.contains('@') || text.parse::<http::uri::Authority>().is_err() {
+    // RFC 3986's `host [ ":" port ]`: reg-name characters (unreserved,
+    // sub-delims, pct-encoded), IP literals in brackets, a port. No `@`
+    // (userinfo), no `/`, `?`, `#` or blanks.
+    let allowed = |b: &u8| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'_' | b'~' | b'%' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')'
+                    | b'*' | b'+' | b',' | b';' | b'=' | b':' | b'[' | b']'
+            )
+    };
+    if value.is_empty() || !value.iter().all(allowed) {
         return Err(Ambiguity::BadHost);
     }
-    Ok(text)
+    std::str::from_utf8(value).map_err(|_| Ambiguity::BadHost)
 }
 
 /// Checks a query's shape: `&`-separated pairs only, no bracketed or hyphen
@@ -120,8 +139,7 @@ pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambigui
         let raw_key = pair.split_once('=').map_or(pair, |(k, _)| k);
         let key = decode(raw_key);
         let base = key.split('[').next().unwrap_or(&key);
-        let lowered = base.to_ascii_lowercase().replace('-', "_");
-        let Some(name) = SCOPED_PARAMS.iter().find(|p| **p == lowered) else {
+        let Some(name) = SCOPED_PARAMS.iter().find(|p| lenient_eq(base, p)) else {
             continue;
         };
         // Rows 3 and 13 read these names in any case; a `name[...]` form or
