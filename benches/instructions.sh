@@ -40,11 +40,13 @@ for tool in valgrind wrk; do
 done
 
 OUT=$(mktemp -d)
+# A fixed place for the base's source, so that its build stays incremental.
+BASE_TREE="$(pwd)/target/bench-base-src"
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    if [ -n "$BASE" ] && [ -d "$OUT/base" ]; then git worktree remove --force "$OUT/base" || true; fi
+    if [ -n "$BASE" ] && [ -d "$BASE_TREE" ]; then git worktree remove --force "$BASE_TREE" || true; fi
     rm -rf "$OUT"
 }
 trap cleanup EXIT
@@ -146,9 +148,11 @@ cargo build --release --locked --bin stackgate >/dev/null
 RESULTS=()
 RESULTS+=("$(measure current target/release/stackgate)")
 if [ -n "$BASE" ]; then
-    git worktree add --detach -q "$OUT/base" "$BASE"
+    git worktree remove --force "$BASE_TREE" 2>/dev/null || rm -rf "$BASE_TREE"
+    git worktree prune
+    git worktree add --detach -q "$BASE_TREE" "$BASE"
     CARGO_TARGET_DIR="$(pwd)/target/bench-base" cargo build --release --locked \
-        --manifest-path "$OUT/base/Cargo.toml" --bin stackgate >/dev/null
+        --manifest-path "$BASE_TREE/Cargo.toml" --bin stackgate >/dev/null
     RESULTS+=("$(measure base target/bench-base/release/stackgate)")
 fi
 

@@ -132,11 +132,20 @@ pub fn check_host(value: &[u8]) -> Result<&str, Ambiguity> {
 /// `environment` is the `environment` header, if the request has one: every
 /// `environment` pair must agree with it.
 pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambiguity> {
-    if query.contains(';') {
+    if memchr::memchr(b';', query.as_bytes()).is_some() {
         return Err(Ambiguity::Query);
     }
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let raw_key = pair.split_once('=').map_or(pair, |(k, _)| k);
+    for pair in query.split('&') {
+        let (raw_key, value) = match memchr::memchr(b'=', pair.as_bytes()) {
+            Some(at) => (&pair[..at], &pair[at + 1..]),
+            None => (pair, ""),
+        };
+        // Most keys cannot be one of the names: the lengths differ.
+        let encoded = raw_key.bytes().any(|b| b == b'%' || b == b'+');
+        let raw_base = raw_key.split('[').next().unwrap_or(raw_key);
+        if !encoded && !SCOPED_PARAMS.iter().any(|p| p.len() == raw_base.len()) {
+            continue;
+        }
         let key = decode(raw_key);
         let base = key.split('[').next().unwrap_or(&key);
         let Some(name) = SCOPED_PARAMS.iter().find(|p| lenient_eq(base, p)) else {
@@ -149,7 +158,6 @@ pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambigui
             return Err(Ambiguity::Query);
         }
         if let (Some(header), "environment") = (environment, *name) {
-            let value = pair.split_once('=').map_or("", |(_, v)| v);
             if decode(value) != header {
                 return Err(Ambiguity::Query);
             }
@@ -196,12 +204,7 @@ fn decode(text: &str) -> Cow<'_, str> {
 /// `%2B`, and every byte outside [`kept`] percent-encoded. A query already in
 /// that form (nearly all of them) is returned as it is.
 pub fn canonical_query(query: &str) -> Cow<'_, str> {
-    let plain = query.split('&').all(|pair| {
-        !pair.is_empty()
-            && pair.bytes().filter(|&b| b == b'=').count() <= 1
-            && pair.bytes().all(|b| b == b'=' || kept(b))
-    });
-    if plain {
+    if is_canonical(query) {
         return Cow::Borrowed(query);
     }
     let mut out = String::with_capacity(query.len() + 8);
@@ -222,34 +225,45 @@ pub fn canonical_query(query: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Whether a query is already what [`canonical_query`] would make of it:
+/// kept bytes only, at most one `=` per pair, no empty pair. One pass.
+fn is_canonical(query: &str) -> bool {
+    let (mut pair_len, mut equals) = (0usize, 0u8);
+    for &byte in query.as_bytes() {
+        match byte {
+            b'&' if pair_len == 0 => return false,
+            b'&' => (pair_len, equals) = (0, 0),
+            b'=' if equals > 0 => return false,
+            b'=' => (pair_len, equals) = (pair_len + 1, 1),
+            _ if KEPT[usize::from(byte)] => pair_len += 1,
+            _ => return false,
+        }
+    }
+    pair_len > 0
+}
+
 /// Bytes a query keeps as they are: RFC 3986's unreserved characters and
 /// the sub-delimiters and gen-delimiters that no parser splits on.
-fn kept(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric()
-        || matches!(
-            byte,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'!'
-                | b'$'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b','
-                | b'/'
-                | b':'
-                | b'@'
-                | b'['
-                | b']'
-        )
-}
+static KEPT: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        table[byte] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'\'' | b'(' | b')' | b'*' | b',' | b'/'
+                    | b':' | b'@' | b'[' | b']'
+            );
+        byte += 1;
+    }
+    table
+};
 
 fn encode_into(out: &mut String, text: &str) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &byte in text.as_bytes() {
-        if kept(byte) {
+        if KEPT[usize::from(byte)] {
             out.push(char::from(byte));
         } else {
             out.push('%');
