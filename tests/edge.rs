@@ -305,6 +305,7 @@ async fn ambiguous_h2_requests_are_refused_before_the_origin() {
             "userinfo in :authority",
             h2_get(Some("cdn.test:1@preview.test"), "/v3/x", &token),
         ),
+        ("neither :authority nor host", h2_get(None, "/v3/x", &token)),
         ("GET with a body", {
             let mut request = h2_get(Some("cdn.test"), "/v3/x", &token);
             *request.body_mut() = Full::new(Bytes::from_static(b"abc"));

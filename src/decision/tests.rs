@@ -394,6 +394,70 @@ fn row_16_http_checks() {
         ),
         Err(BadRequest::Malformed)
     );
+    // Hosts: one reading (SPEC §2).
+    let with_version = |uri: &str, version: http::Version, headers: &[(&str, &str)]| {
+        let mut b = Request::get(uri).version(version);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    };
+    let h2 = http::Version::HTTP_2;
+    let h1 = http::Version::HTTP_11;
+    for (what, request, verdict) in [
+        (
+            "h2 with :authority",
+            with_version("http://cdn.test/x", h2, &[]),
+            Ok(()),
+        ),
+        (
+            "h2 with host only",
+            with_version("/x", h2, &[("host", "cdn.test")]),
+            Ok(()),
+        ),
+        (
+            "h2 with neither",
+            with_version("/x", h2, &[]),
+            Err(BadRequest::Malformed),
+        ),
+        (
+            "h2 disagreeing",
+            with_version("http://cdn.test/x", h2, &[("host", "b.test")]),
+            Err(BadRequest::Malformed),
+        ),
+        (
+            "h1 without Host",
+            with_version("/x", h1, &[]),
+            Err(BadRequest::Malformed),
+        ),
+        (
+            "h1.0 without Host",
+            with_version("/x", http::Version::HTTP_10, &[]),
+            Ok(()),
+        ),
+        (
+            "absolute-form agreeing",
+            with_version("http://CDN.test/x", h1, &[("host", "cdn.test")]),
+            Ok(()),
+        ),
+        (
+            "absolute-form disagreeing",
+            with_version("http://a.test/x", h1, &[("host", "cdn.test")]),
+            Err(BadRequest::Malformed),
+        ),
+        (
+            "userinfo",
+            with_version("/x", h1, &[("host", "a@cdn.test")]),
+            Err(BadRequest::Malformed),
+        ),
+        (
+            "two hosts",
+            with_version("/x", h1, &[("host", "cdn.test"), ("host", "cdn.test")]),
+            Err(BadRequest::Malformed),
+        ),
+    ] {
+        assert_eq!(check_http(&request, 10), verdict, "{what}");
+    }
 }
 
 /// A revocation installed between a request's decision and its session's
