@@ -70,7 +70,9 @@ pub enum Ambiguity {
 /// the one checked: the same name once `-` reads as `_`.
 pub fn misspelled_header(name: &HeaderName) -> bool {
     let name = name.as_str();
-    name.contains('-') && CHECKED_HEADERS.iter().any(|c| same_but_dashes(name, c))
+    CHECKED_HEADERS
+        .iter()
+        .any(|c| c.len() == name.len() && name != *c && same_but_dashes(name, c))
 }
 
 /// `a` equals `checked` (lower case, `_`) in any case and with `-` for `_`.
@@ -148,35 +150,49 @@ pub fn check_host(value: &[u8]) -> Result<&str, Ambiguity> {
 /// `environment` is the `environment` header, if the request has one: every
 /// `environment` pair must agree with it.
 pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambiguity> {
-    if memchr::memchr(b';', query.as_bytes()).is_some() {
+    let bytes = query.as_bytes();
+    let mut start = 0;
+    while start <= bytes.len() {
+        // One pair: its key up to `=`, `[` or the pair's end, in one pass.
+        let (mut end, mut equals, mut bracket, mut encoded) = (start, None, None, false);
+        while end < bytes.len() && bytes[end] != b'&' {
+            match bytes[end] {
+                b';' => return Err(Ambiguity::Query),
+                b'=' if equals.is_none() => equals = Some(end),
+                b'[' if equals.is_none() && bracket.is_none() => bracket = Some(end),
+                b'%' | b'+' if equals.is_none() => encoded = true,
+                _ => {}
+            }
+            end += 1;
+        }
+        let key_end = equals.unwrap_or(end);
+        let base_len = bracket.unwrap_or(key_end) - start;
+        // Most keys cannot be one of the names: the lengths differ.
+        if encoded || SCOPED_PARAMS.iter().any(|p| p.len() == base_len) {
+            let value = equals.map_or("", |at| &query[at + 1..end]);
+            check_pair(&query[start..key_end], value, environment)?;
+        }
+        start = end + 1;
+    }
+    Ok(())
+}
+
+/// One query pair whose key may be a credential or scope name.
+fn check_pair(raw_key: &str, value: &str, environment: Option<&str>) -> Result<(), Ambiguity> {
+    let key = decode(raw_key);
+    let base = key.split('[').next().unwrap_or(&key);
+    let Some(name) = SCOPED_PARAMS.iter().find(|p| lenient_eq(base, p)) else {
+        return Ok(());
+    };
+    // Rows 3 and 13 read these names in any case; a `name[...]` form or a
+    // hyphen spelling is a second reading, and so is `branch`, which the
+    // gateway checks as a header.
+    if base.len() != key.len() || base.contains('-') || *name == "branch" {
         return Err(Ambiguity::Query);
     }
-    for pair in query.split('&') {
-        let (raw_key, value) = match memchr::memchr(b'=', pair.as_bytes()) {
-            Some(at) => (&pair[..at], &pair[at + 1..]),
-            None => (pair, ""),
-        };
-        // Most keys cannot be one of the names: the lengths differ.
-        let encoded = raw_key.bytes().any(|b| b == b'%' || b == b'+');
-        let raw_base = raw_key.split('[').next().unwrap_or(raw_key);
-        if !encoded && !SCOPED_PARAMS.iter().any(|p| p.len() == raw_base.len()) {
-            continue;
-        }
-        let key = decode(raw_key);
-        let base = key.split('[').next().unwrap_or(&key);
-        let Some(name) = SCOPED_PARAMS.iter().find(|p| lenient_eq(base, p)) else {
-            continue;
-        };
-        // Rows 3 and 13 read these names in any case; a `name[...]` form or
-        // a hyphen spelling is a second reading, and so is `branch`, which
-        // the gateway checks as a header.
-        if base.len() != key.len() || base.contains('-') || *name == "branch" {
+    if let (Some(header), "environment") = (environment, *name) {
+        if decode(value) != header {
             return Err(Ambiguity::Query);
-        }
-        if let (Some(header), "environment") = (environment, *name) {
-            if decode(value) != header {
-                return Err(Ambiguity::Query);
-            }
         }
     }
     Ok(())
@@ -244,15 +260,16 @@ pub fn canonical_query(query: &str) -> Cow<'_, str> {
 /// Whether a query is already what [`canonical_query`] would make of it:
 /// kept bytes only, at most one `=` per pair, no empty pair. One pass.
 fn is_canonical(query: &str) -> bool {
-    let (mut pair_len, mut equals) = (0usize, 0u8);
+    let (mut pair_len, mut equals) = (0usize, false);
     for &byte in query.as_bytes() {
-        match byte {
-            b'&' if pair_len == 0 => return false,
-            b'&' => (pair_len, equals) = (0, 0),
-            b'=' if equals > 0 => return false,
-            b'=' => (pair_len, equals) = (pair_len + 1, 1),
-            _ if KEPT[usize::from(byte)] => pair_len += 1,
-            _ => return false,
+        if KEPT[usize::from(byte)] {
+            pair_len += 1;
+        } else if byte == b'=' && !equals {
+            (pair_len, equals) = (pair_len + 1, true);
+        } else if byte == b'&' && pair_len > 0 {
+            (pair_len, equals) = (0, false);
+        } else {
+            return false;
         }
     }
     pair_len > 0
@@ -308,11 +325,12 @@ fn encode_into(out: &mut String, text: &str) {
 /// or backslash, a raw backslash, and an encoded NUL.
 pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Ambiguity> {
     let bytes = path.as_bytes();
-    let simple = !bytes.contains(&b'%')
-        && !bytes.contains(&b'\\')
-        && !bytes.contains(&b';')
-        && !path.contains("//")
-        && !path.contains("/.");
+    // One pass: nothing encoded, no backslash or `;`, no `//` or `/.`.
+    let simple = bytes.iter().enumerate().all(|(at, &b)| match b {
+        b'%' | b'\\' | b';' => false,
+        b'/' => !matches!(bytes.get(at + 1), Some(b'/' | b'.')),
+        _ => true,
+    });
     if simple || !path.starts_with('/') {
         return Ok(Cow::Borrowed(path));
     }

@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Version};
 use tokio::time::Instant;
@@ -91,17 +91,6 @@ pub enum Decision<'a> {
     Refuse(Refusal<'a>),
 }
 
-/// Headers a request may carry at most once (row 16), `content-length` first.
-static SINGLE: [HeaderName; 7] = [
-    CONTENT_LENGTH,
-    HOST,
-    API_KEY,
-    ACCESS_TOKEN,
-    PREVIEW_TOKEN,
-    BRANCH,
-    ENVIRONMENT,
-];
-
 /// Row 16: the HTTP layer's checks, before anything else is looked at.
 /// Hyper already answers heads it cannot parse (or that overflow its buffer);
 /// this catches what it lets through, and every request the gateway and an
@@ -111,34 +100,49 @@ pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> 
     if url_len > MAX_URL_BYTES {
         return Err(BadRequest::UrlTooLong);
     }
-    // One pass over the headers: the head's size, how often each header that
-    // must appear at most once does, and the spellings and `Connection`
-    // options that would give a second reading.
-    let headers = &parts.headers;
+    // One pass over the headers: the head's size, the headers that must
+    // appear at most once (and the values of those read below), and the
+    // spellings and `Connection` options that would give a second reading.
     let mut head = url_len;
-    let mut seen = [0u8; SINGLE.len()];
+    let mut seen = Singles::default();
     let mut transfer_encoding = false;
     let mut ambiguous = false;
-    for (name, value) in headers {
-        head += name.as_str().len() + value.len() + 4;
-        if name == TRANSFER_ENCODING {
-            transfer_encoding = true;
-        } else if let Some(i) = SINGLE.iter().position(|single| single == name) {
-            seen[i] = seen[i].saturating_add(1);
-        } else if name == CONNECTION {
-            ambiguous |= canonical::connection_lists_protected(value);
-        } else {
-            ambiguous |= canonical::misspelled_header(name);
+    for (name, value) in &parts.headers {
+        let name_text = name.as_str();
+        head += name_text.len() + value.len() + 4;
+        let (count, slot) = match name_text {
+            "content-length" => (&mut seen.content_length, Some(&mut seen.length_value)),
+            "host" => (&mut seen.host, Some(&mut seen.host_value)),
+            "environment" => (&mut seen.environment, Some(&mut seen.environment_value)),
+            "api_key" => (&mut seen.api_key, None),
+            "access_token" => (&mut seen.access_token, None),
+            "preview_token" => (&mut seen.preview_token, None),
+            "branch" => (&mut seen.branch, None),
+            "transfer-encoding" => {
+                transfer_encoding = true;
+                continue;
+            }
+            "connection" => {
+                ambiguous |= canonical::connection_lists_protected(value);
+                continue;
+            }
+            _ => {
+                ambiguous |= canonical::misspelled_header(name);
+                continue;
+            }
+        };
+        *count = count.saturating_add(1);
+        if let Some(slot) = slot {
+            *slot = Some(value);
         }
     }
     if head > MAX_HEAD_BYTES {
         return Err(BadRequest::HeadTooLarge);
     }
-    // `seen[0]` counts `content-length`.
-    if ambiguous || (transfer_encoding && seen[0] > 0) || seen.iter().any(|&n| n > 1) {
+    if ambiguous || (transfer_encoding && seen.content_length > 0) || seen.repeated() {
         return Err(BadRequest::Malformed);
     }
-    let length = match headers.get(CONTENT_LENGTH) {
+    let length = match seen.length_value {
         None => 0,
         Some(length) => length
             .to_str()
@@ -154,8 +158,8 @@ pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> 
     if bodiless && (transfer_encoding || length > 0) {
         return Err(BadRequest::Malformed);
     }
-    check_hosts(parts).map_err(|_| BadRequest::Malformed)?;
-    let environment = match headers.get(ENVIRONMENT) {
+    check_hosts(parts, seen.host_value).map_err(|_| BadRequest::Malformed)?;
+    let environment = match seen.environment_value {
         Some(value) => Some(value.to_str().map_err(|_| BadRequest::Malformed)?),
         None => None,
     };
@@ -165,14 +169,43 @@ pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> 
     Ok(())
 }
 
+/// The headers a request may carry at most once (row 16), counted, with the
+/// values [`check_http`] reads.
+#[derive(Default)]
+struct Singles<'h> {
+    content_length: u8,
+    host: u8,
+    environment: u8,
+    api_key: u8,
+    access_token: u8,
+    preview_token: u8,
+    branch: u8,
+    length_value: Option<&'h HeaderValue>,
+    host_value: Option<&'h HeaderValue>,
+    environment_value: Option<&'h HeaderValue>,
+}
+
+impl Singles<'_> {
+    fn repeated(&self) -> bool {
+        [
+            self.content_length,
+            self.host,
+            self.environment,
+            self.api_key,
+            self.access_token,
+            self.preview_token,
+            self.branch,
+        ]
+        .iter()
+        .any(|&n| n > 1)
+    }
+}
+
 /// One host: a `Host` without userinfo that the target's authority (an
 /// absolute-form target, or h2's `:authority`) agrees with; none missing
 /// where HTTP/1.1 or h2 requires one.
-fn check_hosts(parts: &Parts) -> Result<(), Ambiguity> {
-    let host = parts
-        .headers
-        .get(HOST)
-        .map(|h| canonical::check_host(h.as_bytes()));
+fn check_hosts(parts: &Parts, host: Option<&HeaderValue>) -> Result<(), Ambiguity> {
+    let host = host.map(|h| canonical::check_host(h.as_bytes()));
     let target = parts
         .uri
         .authority()

@@ -12,7 +12,7 @@ use http_body_util::Full;
 
 use crate::canonical::canonical_query;
 use crate::conn::ConnInfo;
-use crate::decision::{Permit, SessionKind, ACCESS_TOKEN, API_KEY, BRANCH, PREVIEW_TOKEN};
+use crate::decision::{Permit, SessionKind, API_KEY, PREVIEW_TOKEN};
 
 /// The request id header, added when absent and returned on every response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -108,18 +108,33 @@ pub fn upstream_request(
     if permit.session == SessionKind::Delivery {
         headers.remove(PREVIEW_TOKEN);
     }
-    if permit.route.kind.api_key_in_path() {
+    let api_key_in_path = permit.route.kind.api_key_in_path();
+    if api_key_in_path {
         headers.remove(API_KEY);
-    } else {
-        set_checked(&mut headers, API_KEY, &permit.stack.api_key)?;
     }
-    if headers.contains_key(BRANCH) {
-        set_checked(&mut headers, BRANCH, &permit.branch)?;
-    }
-    for name in [ACCESS_TOKEN, PREVIEW_TOKEN] {
-        if let Some(value) = headers.get_mut(&name) {
-            value.set_sensitive(true);
+    // One pass: token values marked sensitive, api_key (REST) and branch set
+    // to what was checked where the client's differ (blanks the check
+    // trimmed).
+    let mut has_api_key = false;
+    for (name, value) in headers.iter_mut() {
+        let checked = match name.as_str() {
+            "access_token" | "preview_token" => {
+                value.set_sensitive(true);
+                continue;
+            }
+            "api_key" => {
+                has_api_key = true;
+                &*permit.stack.api_key
+            }
+            "branch" => permit.branch.as_str(),
+            _ => continue,
+        };
+        if value.as_bytes() != checked.as_bytes() {
+            *value = HeaderValue::from_str(checked).ok()?;
         }
+    }
+    if !api_key_in_path && !has_api_key {
+        headers.insert(API_KEY, HeaderValue::from_str(&permit.stack.api_key).ok()?);
     }
     let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
         Some(prior) => {
@@ -138,15 +153,6 @@ pub fn upstream_request(
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Some(request)
-}
-
-/// Makes `name` carry exactly `checked` (the client's value, usually, unless
-/// it had surrounding blanks the check trimmed).
-fn set_checked(headers: &mut HeaderMap, name: HeaderName, checked: &str) -> Option<()> {
-    if headers.get(&name).map(HeaderValue::as_bytes) != Some(checked.as_bytes()) {
-        headers.insert(name, HeaderValue::from_str(checked).ok()?);
-    }
-    Some(())
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
