@@ -166,9 +166,12 @@ pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambigui
             end += 1;
         }
         let key_end = equals.unwrap_or(end);
-        let base_len = bracket.unwrap_or(key_end) - start;
-        // Most keys cannot be one of the names: the lengths differ.
-        if encoded || SCOPED_PARAMS.iter().any(|p| p.len() == base_len) {
+        let base_end = bracket.unwrap_or(key_end);
+        // Most keys cannot be one of the names: their length or first letter
+        // differs.
+        let first = bytes.get(start).map_or(0, u8::to_ascii_lowercase);
+        let may_be = |p: &&str| p.len() == base_end - start && p.as_bytes()[0] == first;
+        if encoded || SCOPED_PARAMS.iter().any(may_be) {
             let value = equals.map_or("", |at| &query[at + 1..end]);
             check_pair(&query[start..key_end], value, environment)?;
         }
