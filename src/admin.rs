@@ -142,23 +142,24 @@ async fn admin(
 async fn set_revocation(shared: &Shared, uid: &str, revoked: bool) -> Response<Body> {
     let mut found = Vec::new();
     let mut cancelled = 0;
+    let mut persisted = true;
+    let mut written = Vec::new();
     for stack in shared.stacks.iter() {
-        match stack.set_admin_revocation(uid, revoked).await {
+        match stack.set_admin_revocation(uid, revoked) {
             Ok(Some(change)) => {
                 // A lift ends nothing, but the registry's version moved.
                 cancelled += shared.apply_change(stack, &change, true);
-                // Sessions are cut first; the answer waits until it is on disk.
-                let version = change.registry.version();
-                if stack.settings().snapshot.is_some()
-                    && !stack.wait_snapshot(version, SNAPSHOT_WAIT).await
-                {
-                    tracing::warn!(stack = %stack.name, "admin revocation applied but not yet persisted");
-                }
                 tracing::info!(stack = %stack.name, token = uid, revoked, "admin revocation changed");
+                written.push((stack, change.registry.version()));
                 found.push(stack.name.to_string());
             }
-            Ok(None) => found.push(stack.name.to_string()),
-            Err(()) => {}
+            Ok(None) => {
+                // Already so; persisted only if the file holds it.
+                let version = stack.view().map_or(0, |v| v.registry.version());
+                written.push((stack, version));
+                found.push(stack.name.to_string());
+            }
+            Err(_unknown) => {}
         }
     }
     if found.is_empty() {
@@ -167,9 +168,25 @@ async fn set_revocation(shared: &Shared, uid: &str, revoked: bool) -> Response<B
             "No stack lists a token with this uid.",
         );
     }
+    // Every session was cut above; the answer waits until the change is on disk.
+    for (stack, version) in written {
+        if stack.settings().snapshot.is_none() {
+            tracing::warn!(stack = %stack.name, "admin revocation applied but not persisted: the stack has no snapshot");
+            persisted = false;
+        } else if !stack.wait_snapshot(version, SNAPSHOT_WAIT).await {
+            tracing::warn!(stack = %stack.name, "admin revocation applied but not persisted: the snapshot was not written");
+            persisted = false;
+        }
+    }
     response::json(
         StatusCode::OK,
-        &json!({ "uid": uid, "revoked": revoked, "stacks": found, "sessions_cancelled": cancelled }),
+        &json!({
+            "uid": uid,
+            "revoked": revoked,
+            "stacks": found,
+            "sessions_cancelled": cancelled,
+            "persisted": persisted,
+        }),
     )
 }
 

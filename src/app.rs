@@ -178,7 +178,11 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
         for stack in shared.stacks.iter() {
-            tracker.spawn(Arc::clone(stack).snapshot_writer(shutdown.clone()));
+            let failures = shared
+                .metrics
+                .snapshot_write_failures
+                .with_label_values(&[&stack.name]);
+            tracker.spawn(Arc::clone(stack).snapshot_writer(shutdown.clone(), failures));
             tracker.spawn(sync_loop(
                 Arc::clone(&shared),
                 Arc::clone(stack),

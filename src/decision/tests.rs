@@ -420,10 +420,10 @@ async fn a_permit_is_decided_again_when_the_registry_moved() {
     assert_eq!(recheck(&permit), None, "nothing moved");
 
     let stack = world.stacks.by_api_key("blt_site").unwrap();
-    stack.set_admin_revocation("blt_prod", true).await.unwrap();
+    stack.set_admin_revocation("blt_prod", true).unwrap();
     assert_eq!(recheck(&permit), Some("token_revoked"));
 
     // Lifted again: the newest registry allows it, so the permit holds.
-    stack.set_admin_revocation("blt_prod", false).await.unwrap();
+    stack.set_admin_revocation("blt_prod", false).unwrap();
     assert_eq!(recheck(&permit), None);
 }
