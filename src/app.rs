@@ -103,7 +103,9 @@ pub fn build_shared(config: Config) -> Result<Arc<Shared>, StartError> {
                 tracing::info!(stack = %stack.name, tokens = count, "serving the snapshot until the first sync");
             }
             Ok(None) => {}
-            Err(err) => tracing::warn!(stack = %stack.name, error = %err, "snapshot not used"),
+            Err(err) => {
+                tracing::warn!(stack = %stack.name, error = %err, "snapshot not used (rejected whole): the registry waits for its source")
+            }
         }
         if let Some(view) = registry.view() {
             record_registry(&metrics, &registry, &view.registry);

@@ -70,10 +70,12 @@ idle_timeout = "60s"
 max_connections = 10000
 max_body_bytes = 1048576
 grace_period = "30s"
+send_timeout = "60s"
 
 [upstream]
 connect_timeout = "2s"
 request_timeout = "30s"
+max_connections = 1024
 ca_file = "{dir}/private-ca.pem"
 
 [[routes]]
@@ -232,6 +234,17 @@ fn check_accepts_a_config_with_every_key() {
         "stdout: {}",
         checked.stdout
     );
+    // [admin] is set: the two stacks without a snapshot are warned about
+    // (admin revocations of theirs would live only in memory).
+    for (stack, warned) in [(0, false), (1, true), (2, true)] {
+        let line = format!("warning: stacks[{stack}].registry.snapshot: not set");
+        assert_eq!(
+            checked.stderr.contains(&line),
+            warned,
+            "stacks[{stack}]: {}",
+            checked.stderr
+        );
+    }
     assert_no_secrets(&checked.stdout);
     assert_no_secrets(&checked.stderr);
 }
