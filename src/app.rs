@@ -64,11 +64,15 @@ pub fn build_shared(config: Config) -> Result<Arc<Shared>, StartError> {
         config.upstream.connect_timeout,
         config.upstream.ca_file.as_deref(),
     )?;
-    let h1pool = H1Pool::new(connector(
+    let h1pool = H1Pool::with_limit(
+        connector(
+            config.upstream.connect_timeout,
+            config.upstream.ca_file.as_deref(),
+            false,
+        )?,
+        config.upstream.max_connections,
         config.upstream.connect_timeout,
-        config.upstream.ca_file.as_deref(),
-        false,
-    )?);
+    );
     let router = Router::new(&config.routes);
     let mut list = Vec::with_capacity(config.stacks.len());
     let budget = Arc::new(CmaBudget::new(CMA_REQUESTS_PER_SECOND));

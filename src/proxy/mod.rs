@@ -37,7 +37,7 @@ use crate::metrics::{NO_STACK, NO_TOKEN};
 use crate::reject::{BadRequest, Reject};
 use crate::response::{self, Body};
 use crate::state::Shared;
-use crate::upstream::h1pool::Leased;
+use crate::upstream::h1pool::{self, Leased, SendError, UpstreamPermit};
 use access::{Access, Outcome};
 use outgoing::{log_id, request_id, strip_hop_by_hop, upstream_request};
 
@@ -177,7 +177,7 @@ fn refuse(
         shared.usage.record(stack.index, uid, true);
     }
     let outcome = match reject {
-        Reject::UpstreamError | Reject::UpstreamTimeout => "upstream_error",
+        Reject::UpstreamError | Reject::UpstreamTimeout | Reject::UpstreamBusy => "upstream_error",
         _ => "rejected",
     };
     metrics
@@ -250,16 +250,21 @@ async fn forward(
     let upstream_started = Instant::now();
     let timeout = shared.config.upstream.request_timeout;
     let call = tokio::time::timeout(timeout, async {
+        let upstream = &permit.route.upstream;
         if pooled {
+            let held = shared
+                .h1pool
+                .permit(upstream)
+                .await
+                .map_err(UpstreamFailure::H1)?;
             let response = shared.client.request(upstream_request).await;
             response
-                .map(|response| (response, None))
+                .map(|response| (response, Lease::Pooled(held)))
                 .map_err(UpstreamFailure::Pooled)
         } else {
-            let upstream = &permit.route.upstream;
             let response = shared.h1pool.send(upstream, upstream_request).await;
             response
-                .map(|(response, lease)| (response, Some(lease)))
+                .map(|(response, lease)| (response, Lease::H1(lease)))
                 .map_err(UpstreamFailure::H1)
         }
     });
@@ -278,7 +283,9 @@ async fn forward(
         Ok(Ok(answered)) => answered,
         Ok(Err(err)) => {
             tracing::warn!(route = access.route, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
-            let reject = if connect_timed_out(&err) {
+            let reject = if matches!(err, UpstreamFailure::H1(SendError::Busy)) {
+                Reject::UpstreamBusy
+            } else if connect_timed_out(&err) {
                 Reject::UpstreamTimeout
             } else {
                 Reject::UpstreamError
@@ -308,7 +315,10 @@ async fn forward(
     // stalled origin cannot hold a client connection forever.
     let stall = Some(shared.config.upstream.request_timeout);
     // Read to the end, the body gives its HTTP/1.1 connection back to the pool.
-    let body = Leased::new(body, lease);
+    let body = match lease {
+        Lease::H1(lease) => Leased::new(body, Some(lease)),
+        Lease::Pooled(permit) => Leased::new(body, None).holding(Some(permit)),
+    };
     let body = Tracked::new(body, Some(guard), Some(activity), stall).boxed_unsync();
     Ok(Response::from_parts(head, body))
 }
@@ -330,6 +340,13 @@ fn connect_timed_out(err: &UpstreamFailure) -> bool {
         UpstreamFailure::Pooled(err) => err.is_connect() && crate::upstream::timed_out(err),
         UpstreamFailure::H1(err) => err.is_connect_timeout(),
     }
+}
+
+/// What a forwarded response holds until its body is done: its HTTP/1.1
+/// connection (with its permit), or its permit alone (shared pooled client).
+enum Lease {
+    H1(h1pool::Lease),
+    Pooled(UpstreamPermit),
 }
 
 /// Why an upstream call failed, in the shared pool or the HTTP/1.1 one.

@@ -91,6 +91,7 @@ pub async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        set_keepalive(&stream);
         let shared = Arc::clone(&shared);
         let http = Arc::clone(&http);
         let shutdown = shutdown.clone();
@@ -118,6 +119,26 @@ pub async fn accept_loop(
     }
 }
 
+/// TCP keepalive on accepted sockets: a client that vanished (power loss,
+/// a NAT that dropped the mapping) is found within about two minutes
+/// rather than the kernel's two hours.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Interval between keepalive probes once idle.
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes before the connection is dropped.
+pub const TCP_KEEPALIVE_RETRIES: u32 = 6;
+
+fn set_keepalive(stream: &tokio::net::TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL);
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    let keepalive = keepalive.with_retries(TCP_KEEPALIVE_RETRIES);
+    if let Err(err) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %err, "TCP keepalive not set");
+    }
+}
+
 /// Serves one client connection until it ends, is revoked, idles out, or
 /// shutdown drains it.
 pub async fn serve_connection<I>(
@@ -133,7 +154,8 @@ pub async fn serve_connection<I>(
     let peer = info.peer;
     let activity = Arc::clone(&info.activity);
     let revoked = info.sessions.cancel.clone();
-    let io = TokioIo::new(WatchedIo::new(io, Arc::clone(&activity)));
+    let send_timeout = shared.config.server.send_timeout;
+    let io = TokioIo::new(WatchedIo::new(io, Arc::clone(&activity), send_timeout));
     let service = {
         let shared = Arc::clone(&shared);
         let info = Arc::clone(&info);
