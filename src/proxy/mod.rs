@@ -184,6 +184,10 @@ fn refuse(
         .requests
         .with_label_values(&[access.stack, access.token, access.route, outcome])
         .inc();
+    if let (Some(stack), Some(uid)) = (stack, &token) {
+        // Recorded above for a token the registry may have dropped since.
+        shared.forget_if_gone(stack, uid, None);
+    }
     let elapsed = started.elapsed();
     if let Some(route) = route {
         shared.durations.request[route.kind.index()].observe(elapsed.as_secs_f64());
@@ -235,6 +239,8 @@ async fn forward(
         .begin(&conn.sessions, &permit, parts.version == Version::HTTP_2);
     if let Some(refusal) = recheck(&shared.router, &shared.stacks, parts, &permit, started) {
         drop(guard);
+        // The token's bucket was made on admission; it may be gone since.
+        shared.forget_if_gone(permit.stack, &permit.token.uid, None);
         return refused(refusal, activity);
     }
     // Requests lease an HTTP/1.1 upstream connection from the light pool,
@@ -300,12 +306,7 @@ async fn forward(
     durations.upstream[kind.index()].observe(upstream_started.elapsed().as_secs_f64());
     let elapsed = started.elapsed();
     durations.request[kind.index()].observe(elapsed.as_secs_f64());
-    shared.usage.forwarded(
-        &shared.metrics,
-        (permit.stack.index, &permit.stack.name),
-        &permit.token.uid,
-        kind,
-    );
+    shared.record_forwarded(&permit);
     access.write(Outcome::Forwarded(upstream.status().as_u16()), elapsed);
 
     let (mut head, body) = upstream.into_parts();
