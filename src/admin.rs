@@ -17,11 +17,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::registry::snapshot::{age_secs, unix_secs};
+use crate::registry::Digest;
 use crate::response::{self, Body};
 use crate::state::Shared;
 
 /// How long an admin revocation waits for its snapshot write before answering.
 pub const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The first wait after a failed accept; it doubles while accepts keep failing.
+pub const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+/// The longest wait after failed accepts.
+pub const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves the admin listener until shutdown.
 pub async fn serve(
@@ -30,17 +36,26 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
-                    tracing::warn!(error = %err, "admin accept failed");
+                    // Out of descriptors (EMFILE) and the like: retrying at
+                    // once would spin. Wait, longer each time in a row.
+                    tracing::warn!(error = %err, wait = ?backoff, "admin accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
             () = shutdown.cancelled() => return,
         };
+        backoff = ACCEPT_BACKOFF_MIN;
         let shared = Arc::clone(&shared);
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
@@ -105,7 +120,17 @@ fn authorized(shared: &Shared, request: &Request<Incoming>) -> bool {
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map_or("", |(_, token)| token.trim());
-    bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes()))
+    bearer_matches(presented, expected.expose())
+}
+
+/// Compares the SHA-256 digests of the two bearers in constant time: the
+/// time taken does not depend on where they differ, nor on either length
+/// (`ct_eq` on the raw bytes returns at once on a length mismatch, which
+/// would tell the expected length).
+fn bearer_matches(presented: &str, expected: &str) -> bool {
+    let presented = Digest::of(presented.as_bytes());
+    let expected = Digest::of(expected.as_bytes());
+    bool::from(presented.0.ct_eq(&expected.0))
 }
 
 async fn admin(
@@ -262,5 +287,19 @@ fn readyz(shared: &Shared) -> Response<Body> {
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({ "ready": false, "waiting_for": waiting }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_matches;
+
+    #[test]
+    fn bearers_match_only_when_equal() {
+        assert!(bearer_matches("s3cret-bearer", "s3cret-bearer"));
+        assert!(!bearer_matches("s3cret-beare", "s3cret-bearer"));
+        assert!(!bearer_matches("", "s3cret-bearer"));
+        assert!(!bearer_matches("s3cret-bearer-and-more", "s3cret-bearer"));
+        assert!(!bearer_matches("S3cret-bearer", "s3cret-bearer"));
     }
 }

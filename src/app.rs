@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Source as SourceConfig};
 use crate::metrics::Metrics;
-use crate::registry::poll::{poll_loop, Polled};
+use crate::registry::poll::{poll_loop, OnFailure, Polled};
 use crate::registry::source::{
     CmaBudget, CmaClient, FileSource, Source, CMA_REQUESTS_PER_SECOND, MAX_PAGE_TIMEOUT,
     MIN_PAGE_TIMEOUT,
@@ -136,11 +136,13 @@ pub fn build_shared(config: Config) -> Result<Arc<Shared>, StartError> {
 /// [`FILE_POLL_INTERVAL`] for files), backing off on failure (see
 /// [`crate::registry::poll`]).
 async fn sync_loop(shared: Arc<Shared>, stack: Arc<StackRegistry>, shutdown: CancellationToken) {
-    let interval = match &stack.settings().source {
-        SourceConfig::Cma { interval, .. } => *interval,
-        SourceConfig::File { .. } => FILE_POLL_INTERVAL,
+    let (interval, on_failure) = match &stack.settings().source {
+        SourceConfig::Cma { interval, .. } => (*interval, OnFailure::BackOff),
+        // A file is not the CMA: no budget to spare, and a fixed file
+        // should be served within a second, not after a backoff.
+        SourceConfig::File { .. } => (FILE_POLL_INTERVAL, OnFailure::Retry),
     };
-    poll_loop(interval, shutdown, || async {
+    poll_loop(interval, on_failure, shutdown, || async {
         shared.sync_stack(&stack, false).await;
         let status = stack.status();
         Polled {

@@ -312,6 +312,15 @@ async fn an_admin_revocation_does_not_wait_for_a_sync_stuck_mid_page() {
         "{}",
         revoked.text()
     );
+    let changed = logs()
+        .lines()
+        .filter(|l| l.contains("registry changed") && l.contains("stack=website"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    assert!(
+        changed.iter().any(|l| l.contains("sessions_cancelled=1")),
+        "the log does not count the stream the revocation cut: {changed:?}"
+    );
     // The live stream ends in an error, and the token is refused, while
     // the page is still held.
     let cut = tokio::time::timeout(Duration::from_secs(5), async {

@@ -9,7 +9,7 @@ use http::Request;
 use http_body_util::Full;
 
 use crate::conn::ConnInfo;
-use crate::decision::{Permit, SessionKind, PREVIEW_TOKEN};
+use crate::decision::{Permit, SessionKind, ACCESS_TOKEN, PREVIEW_TOKEN};
 
 /// The request id header, added when absent and returned on every response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -94,6 +94,14 @@ pub fn upstream_request(
     headers.remove(header::HOST);
     if permit.session == SessionKind::Delivery {
         headers.remove(PREVIEW_TOKEN);
+    }
+    // Never indexed by HPACK on a shared upstream h2 connection (nor logged
+    // by anything that honours the flag).
+    // (Each is sent once at most: a second one is refused under row 16.)
+    for name in [&ACCESS_TOKEN, &PREVIEW_TOKEN] {
+        if let Some(value) = headers.get_mut(name) {
+            value.set_sensitive(true);
+        }
     }
     let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
         Some(prior) => {
