@@ -83,12 +83,16 @@ pub async fn handle(
     let method = request.method().clone();
     let response = match (&method, path.as_str()) {
         (&Method::GET, "/metrics") => {
-            shared.sessions.export();
-            response::text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                shared.metrics.render(),
-            )
+            // Walking every session and series takes milliseconds with many
+            // tokens: off the runtime that serves requests.
+            let rendered = off_runtime(&shared, |shared| {
+                shared.sessions.export();
+                shared.metrics.render()
+            });
+            match rendered.await {
+                Some(text) => response::text(StatusCode::OK, "text/plain; version=0.0.4", text),
+                None => unavailable(),
+            }
         }
         (&Method::GET, "/healthz") => {
             response::text(StatusCode::OK, "text/plain", "ok\n".to_owned())
@@ -133,8 +137,23 @@ fn bearer_matches(presented: &str, expected: &str) -> bool {
     bool::from(presented.0.ct_eq(&expected.0))
 }
 
+/// Runs `work` on a blocking thread; `None` if it could not run (shutdown).
+async fn off_runtime<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    work: impl FnOnce(&Shared) -> T + Send + 'static,
+) -> Option<T> {
+    let shared = Arc::clone(shared);
+    tokio::task::spawn_blocking(move || work(&shared))
+        .await
+        .ok()
+}
+
+fn unavailable() -> Response<Body> {
+    response::admin_error(StatusCode::SERVICE_UNAVAILABLE, "Shutting down.")
+}
+
 async fn admin(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     method: &Method,
     path: &str,
     query: Option<&str>,
@@ -158,7 +177,10 @@ async fn admin(
         }
         (&Method::POST, ["tokens", uid, "revoke"]) => set_revocation(shared, uid, true).await,
         (&Method::DELETE, ["tokens", uid, "revoke"]) => set_revocation(shared, uid, false).await,
-        (&Method::GET, ["tokens"]) => response::json(StatusCode::OK, &tokens(shared)),
+        (&Method::GET, ["tokens"]) => match off_runtime(shared, tokens).await {
+            Some(list) => response::json(StatusCode::OK, &list),
+            None => unavailable(),
+        },
         (&Method::GET, ["stacks"]) => response::json(StatusCode::OK, &stacks(shared)),
         _ => response::admin_error(StatusCode::NOT_FOUND, "Not found."),
     }

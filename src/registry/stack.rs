@@ -287,6 +287,12 @@ impl StackRegistry {
         }
         drop(swap);
         drop(state);
+        drop(previous);
+        if let (Some(old), Some(_)) = (current, &change) {
+            // Freeing a large registry's maps takes milliseconds: not on
+            // the runtime (unless a request still reads it, then it goes last).
+            drop(tokio::task::spawn_blocking(move || drop(old)));
+        }
         let report = SyncReport {
             diff: change.as_ref().map(|c| c.diff.clone()).unwrap_or_default(),
             held_back,
