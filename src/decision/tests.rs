@@ -65,12 +65,15 @@ pub(super) fn settings(max_staleness: Duration) -> RegistrySettings {
 }
 
 /// The routes and stacks a decision is made against.
-pub(super) struct World {
-    pub(super) router: Router,
-    pub(super) stacks: Stacks,
+pub(crate) struct World {
+    pub(crate) router: Router,
+    pub(crate) stacks: Stacks,
 }
 
-fn world() -> World {
+/// Routes for `cdn.test`, `preview.test`, `graphql.test`, `gqlpreview.test`,
+/// and stacks `blt_site` (tokens `cs_prod`, `cs_prod_preview`, ...),
+/// `blt_unloaded`, `blt_stale`.
+pub(crate) fn world() -> World {
     let router = Router::new(&[
         route(0, RouteKind::Delivery, "cdn.test"),
         route(1, RouteKind::Preview, "preview.test"),
