@@ -317,3 +317,57 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout() {
     assert!(ended.is_ok(), "the connection stayed open");
     assert!(total < SIZE, "the whole response was sent ({total} bytes)");
 }
+
+/// The same over HTTP/2: a stream whose client takes nothing (its window
+/// stays shut) ends its connection after `send_timeout`, while a client that
+/// reads is not bothered.
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_is_cut_after_send_timeout() {
+    use http_body_util::BodyExt;
+    const SIZE: usize = 64 * 1024 * 1024;
+    let origin = origin::spawn_origin().await;
+    let extra = "[server]\nsend_timeout = \"500ms\"\nidle_timeout = \"60s\"\n[upstream]\nrequest_timeout = \"60s\"\n";
+    let (gw, _cma) = gateway_to(&origin.url(), extra).await;
+
+    let stream = TcpStream::connect(gw.http).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .initial_connection_window_size(16 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = connection.await;
+        let _ = closed_tx.send(());
+    });
+    let request = http::Request::get(format!("http://cdn.test/big?bytes={SIZE}"))
+        .header("api_key", API_KEY)
+        .header("access_token", PROD)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    assert!(body.frame().await.unwrap().is_ok(), "the body started");
+    // Read no more: the window stays shut.
+    tokio::time::timeout(std::time::Duration::from_secs(10), closed)
+        .await
+        .expect("the stalled HTTP/2 connection stayed open")
+        .unwrap();
+    wait_until("the stalled stream's session released", || {
+        gw.shared.sessions.live(0, "blt_prod") == 0
+    })
+    .await;
+
+    // A client that reads a large response through is not cut.
+    let mut reader = h2c(gw.http).await;
+    let request = http::Request::get("http://cdn.test/big?bytes=4194304")
+        .header("api_key", API_KEY)
+        .header("access_token", PROD)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = read(reader.send_request(request).await.unwrap()).await;
+    assert_eq!(reply.body.len(), 4 * 1024 * 1024);
+}

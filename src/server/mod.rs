@@ -173,7 +173,7 @@ pub async fn serve_connection<I>(
     // known deadline and `now + min(header_timeout, idle_timeout)` is never
     // late. Requests only store timestamps; the timer is re-armed when it
     // fires, at most once per that minimum.
-    let check_every = header_timeout.min(idle_timeout);
+    let check_every = header_timeout.min(idle_timeout).min(send_timeout);
     let next_check = |now: Instant| match activity.deadline(header_timeout, idle_timeout) {
         Some(deadline) => deadline.min(now + check_every),
         None => now + check_every,
@@ -205,6 +205,13 @@ pub async fn serve_connection<I>(
                 let now = Instant::now();
                 if activity.deadline(header_timeout, idle_timeout).is_some_and(|d| d <= now) {
                     tracing::debug!(%peer, "connection closed: header or idle timeout");
+                    break;
+                }
+                // An HTTP/2 stream whose client takes nothing: hyper does not
+                // ask a body for more without window, so the stream alone
+                // cannot be reset from here; the connection goes.
+                if activity.send_stalled(send_timeout) {
+                    tracing::debug!(%peer, "connection closed: an HTTP/2 stream took nothing for send_timeout");
                     break;
                 }
                 watchdog.as_mut().reset(next_check(now));
