@@ -288,10 +288,9 @@ impl StackRegistry {
         drop(swap);
         drop(state);
         drop(previous);
-        if let (Some(old), Some(_)) = (current, &change) {
-            // Freeing a large registry's maps takes milliseconds: not on
-            // the runtime (unless a request still reads it, then it goes last).
-            drop(tokio::task::spawn_blocking(move || drop(old)));
+        if change.is_some() {
+            // A request still reading it may yet be the last to let go.
+            drop_off_runtime(current);
         }
         let report = SyncReport {
             diff: change.as_ref().map(|c| c.diff.clone()).unwrap_or_default(),
@@ -374,10 +373,12 @@ impl StackRegistry {
     /// Hands the registry to the snapshot writer (latest wins).
     fn queue_snapshot(&self, registry: &Arc<Registry>, synced_at: SystemTime) {
         if self.settings.snapshot.is_some() {
-            self.snapshot_jobs.send_replace(Some(SnapshotJob {
+            let replaced = self.snapshot_jobs.send_replace(Some(SnapshotJob {
                 registry: Arc::clone(registry),
                 synced_at,
             }));
+            // It may hold the last reference to an older registry's maps.
+            drop_off_runtime(replaced);
         }
     }
 
@@ -480,6 +481,16 @@ struct Persisted {
     written: u64,
     /// The latest version whose write failed.
     failed: u64,
+}
+
+/// Drops `value` on a blocking thread when there is a runtime: freeing a
+/// large registry's maps takes milliseconds, which requests would wait for
+/// on a single-threaded runtime.
+fn drop_off_runtime<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(value))),
+        Err(_) => drop(value),
+    }
 }
 
 /// The mass-removal guard's inputs, moved to the thread that builds the
