@@ -176,7 +176,10 @@ impl CmaClient {
                 }
                 Ok(result) => result?,
             };
-            let page = parse_token_list(&body)?;
+            // Parsing hashes every value: off the runtime that serves requests.
+            let page = tokio::task::spawn_blocking(move || parse_token_list(&body))
+                .await
+                .map_err(|err| SyncError::Internal(err.to_string()))??;
             let full = page.tokens.len() >= PAGE_SIZE;
             let before = tokens.len();
             for token in page.tokens {
