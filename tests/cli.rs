@@ -1164,3 +1164,58 @@ async fn open(addr: SocketAddr, request: Request<Full<Bytes>>) -> hyper::body::I
     assert_eq!(response.status(), 200);
     response.into_body()
 }
+
+/// Out of descriptors, the admin listener's accept fails (EMFILE) for as
+/// long as connections wait in its backlog. It must back off, not spin:
+/// each failure waits twice as long as the one before (10 ms, 20 ms, ...),
+/// which its log lines say. Run with a limit of 64 descriptors, then
+/// connections to the admin port until accepting fails.
+#[tokio::test]
+async fn the_admin_listener_backs_off_when_out_of_descriptors() {
+    use std::os::unix::process::CommandExt;
+    const LIMIT: libc::rlim_t = 64;
+    let origin = spawn_origin().await;
+    let mut gw = run_gateway_with(&origin, &[], |command| {
+        // SAFETY: the closure only makes one async-signal-safe system call.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: LIMIT,
+                    rlim_max: LIMIT,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    })
+    .await;
+    // More connections than the gateway has descriptors left: the backlog
+    // keeps the rest, and accepting them fails.
+    let mut held = Vec::new();
+    for _ in 0..LIMIT {
+        held.push(TcpStream::connect(gw.admin).await.unwrap());
+    }
+    let backed_off = gw
+        .proc
+        .stderr
+        .wait_for("the fifth failed admin accept in a row", |l| {
+            l.contains("admin accept failed") && l.contains("wait=160ms")
+        })
+        .await;
+    assert!(backed_off.contains("WARN"), "{backed_off}");
+    let failures = gw
+        .proc
+        .stderr
+        .seen
+        .iter()
+        .filter(|l| l.contains("admin accept failed"))
+        .count();
+    assert!(
+        failures <= 8,
+        "{failures} failed accepts logged before the fifth backoff: it spins"
+    );
+    drop(held);
+}
