@@ -448,6 +448,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_admin_revocation_shares_the_token_maps() {
+        let tokens = (0..1000)
+            .map(|i| token(&format!("t{i}"), &format!("v{i}"), None))
+            .collect();
+        let registry = Registry::from_parts(7, tokens, DigestMap::default(), BTreeSet::new());
+        let revoked = registry.with_admin_revocation("t1", true).unwrap();
+        assert!(revoked.same_tokens(&registry), "the maps were rebuilt");
+        assert_eq!(revoked.version(), 8);
+        assert!(matches!(
+            revoked.lookup(&Digest::of(b"v1")),
+            Lookup::Revoked(TokenKind::Delivery)
+        ));
+        assert!(matches!(
+            registry.lookup(&Digest::of(b"v1")),
+            Lookup::Live(..)
+        ));
+
+        // A sync's result, built before the revocation, carries it over.
+        let built = Registry::from_parts(
+            8,
+            vec![token("t1", "v1", None)],
+            DigestMap::default(),
+            BTreeSet::new(),
+        );
+        let swapped = built.rebased(9, &revoked);
+        assert!(swapped.same_tokens(&built));
+        assert!(swapped.is_admin_revoked("t1"));
+        assert_eq!(swapped.version(), 9);
+    }
+
+    #[test]
     fn digests_round_trip_through_hex() {
         let d = Digest::of(b"value");
         assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
