@@ -88,6 +88,7 @@ METRICS = {
     "registry_last_success_timestamp_seconds": ({"stack"}, False),
     "registry_sync_failures_total": ({"stack"}, False),
     "registry_held_back_removals": ({"stack"}, False),
+    "snapshot_write_failures_total": ({"stack"}, False),
 }
 # Labels Prometheus attaches to every scraped series (see prometheus.yml).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "node"}
@@ -489,10 +490,10 @@ for g in alerts["groups"]:
 ok(f"alerts.yml: {n_alerts} alerts with severity, summary, description; only SPEC metric names and labels")
 for must in ("stackgate_registry_sync_failures_total", "stackgate_registry_last_success_timestamp_seconds",
              "stackgate_registry_held_back_removals", "stackgate_revocation_seconds_bucket",
-             "stackgate_rejections_total", "up"):
+             "stackgate_rejections_total", "stackgate_snapshot_write_failures_total", "up"):
     if must not in used_in_alerts:
         die(f"alerts.yml: no alert uses {must}")
-ok("alerts.yml: covers sync failures, staleness, held-back removals, revocation latency, rejections, instance down")
+ok("alerts.yml: covers sync failures, staleness, held-back removals, snapshot write failures, revocation latency, rejections, instance down")
 
 # Copy of the rules without annotations for `promtool test rules` (its
 # alert tests compare annotations verbatim; the tests assert labels only).

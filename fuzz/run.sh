@@ -17,7 +17,7 @@ cd "$(dirname "$0")"
 seconds="${FUZZ_SECONDS:-60}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(decision token_list config)
+    targets=(decision token_list config snapshot)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

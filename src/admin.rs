@@ -17,11 +17,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::registry::snapshot::{age_secs, unix_secs};
+use crate::registry::Digest;
 use crate::response::{self, Body};
 use crate::state::Shared;
 
 /// How long an admin revocation waits for its snapshot write before answering.
 pub const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The first wait after a failed accept; it doubles while accepts keep failing.
+pub const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+/// The longest wait after failed accepts.
+pub const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves the admin listener until shutdown.
 pub async fn serve(
@@ -30,17 +36,26 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
-                    tracing::warn!(error = %err, "admin accept failed");
+                    // Out of descriptors (EMFILE) and the like: retrying at
+                    // once would spin. Wait, longer each time in a row.
+                    tracing::warn!(error = %err, wait = ?backoff, "admin accept failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
             () = shutdown.cancelled() => return,
         };
+        backoff = ACCEPT_BACKOFF_MIN;
         let shared = Arc::clone(&shared);
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
@@ -68,12 +83,16 @@ pub async fn handle(
     let method = request.method().clone();
     let response = match (&method, path.as_str()) {
         (&Method::GET, "/metrics") => {
-            shared.sessions.export();
-            response::text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                shared.metrics.render(),
-            )
+            // Walking every session and series takes milliseconds with many
+            // tokens: off the runtime that serves requests.
+            let rendered = off_runtime(&shared, |shared| {
+                shared.sessions.export();
+                shared.metrics.render()
+            });
+            match rendered.await {
+                Some(text) => response::text(StatusCode::OK, "text/plain; version=0.0.4", text),
+                None => unavailable(),
+            }
         }
         (&Method::GET, "/healthz") => {
             response::text(StatusCode::OK, "text/plain", "ok\n".to_owned())
@@ -105,11 +124,36 @@ fn authorized(shared: &Shared, request: &Request<Incoming>) -> bool {
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map_or("", |(_, token)| token.trim());
-    bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes()))
+    bearer_matches(presented, expected.expose())
+}
+
+/// Compares the SHA-256 digests of the two bearers in constant time: the
+/// time taken does not depend on where they differ, nor on either length
+/// (`ct_eq` on the raw bytes returns at once on a length mismatch, which
+/// would tell the expected length).
+fn bearer_matches(presented: &str, expected: &str) -> bool {
+    let presented = Digest::of(presented.as_bytes());
+    let expected = Digest::of(expected.as_bytes());
+    bool::from(presented.0.ct_eq(&expected.0))
+}
+
+/// Runs `work` on a blocking thread; `None` if it could not run (shutdown).
+async fn off_runtime<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    work: impl FnOnce(&Shared) -> T + Send + 'static,
+) -> Option<T> {
+    let shared = Arc::clone(shared);
+    tokio::task::spawn_blocking(move || work(&shared))
+        .await
+        .ok()
+}
+
+fn unavailable() -> Response<Body> {
+    response::admin_error(StatusCode::SERVICE_UNAVAILABLE, "Shutting down.")
 }
 
 async fn admin(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     method: &Method,
     path: &str,
     query: Option<&str>,
@@ -133,7 +177,10 @@ async fn admin(
         }
         (&Method::POST, ["tokens", uid, "revoke"]) => set_revocation(shared, uid, true).await,
         (&Method::DELETE, ["tokens", uid, "revoke"]) => set_revocation(shared, uid, false).await,
-        (&Method::GET, ["tokens"]) => response::json(StatusCode::OK, &tokens(shared)),
+        (&Method::GET, ["tokens"]) => match off_runtime(shared, tokens).await {
+            Some(list) => response::json(StatusCode::OK, &list),
+            None => unavailable(),
+        },
         (&Method::GET, ["stacks"]) => response::json(StatusCode::OK, &stacks(shared)),
         _ => response::admin_error(StatusCode::NOT_FOUND, "Not found."),
     }
@@ -142,23 +189,24 @@ async fn admin(
 async fn set_revocation(shared: &Shared, uid: &str, revoked: bool) -> Response<Body> {
     let mut found = Vec::new();
     let mut cancelled = 0;
+    let mut persisted = true;
+    let mut written = Vec::new();
     for stack in shared.stacks.iter() {
-        match stack.set_admin_revocation(uid, revoked).await {
+        match stack.set_admin_revocation(uid, revoked) {
             Ok(Some(change)) => {
                 // A lift ends nothing, but the registry's version moved.
                 cancelled += shared.apply_change(stack, &change, true);
-                // Sessions are cut first; the answer waits until it is on disk.
-                let version = change.registry.version();
-                if stack.settings().snapshot.is_some()
-                    && !stack.wait_snapshot(version, SNAPSHOT_WAIT).await
-                {
-                    tracing::warn!(stack = %stack.name, "admin revocation applied but not yet persisted");
-                }
                 tracing::info!(stack = %stack.name, token = uid, revoked, "admin revocation changed");
+                written.push((stack, change.registry.version()));
                 found.push(stack.name.to_string());
             }
-            Ok(None) => found.push(stack.name.to_string()),
-            Err(()) => {}
+            Ok(None) => {
+                // Already so; persisted only if the file holds it.
+                let version = stack.view().map_or(0, |v| v.registry.version());
+                written.push((stack, version));
+                found.push(stack.name.to_string());
+            }
+            Err(_unknown) => {}
         }
     }
     if found.is_empty() {
@@ -167,9 +215,25 @@ async fn set_revocation(shared: &Shared, uid: &str, revoked: bool) -> Response<B
             "No stack lists a token with this uid.",
         );
     }
+    // Every session was cut above; the answer waits until the change is on disk.
+    for (stack, version) in written {
+        if stack.settings().snapshot.is_none() {
+            tracing::warn!(stack = %stack.name, "admin revocation applied but not persisted: the stack has no snapshot");
+            persisted = false;
+        } else if !stack.wait_snapshot(version, SNAPSHOT_WAIT).await {
+            tracing::warn!(stack = %stack.name, "admin revocation applied but not persisted: the snapshot was not written");
+            persisted = false;
+        }
+    }
     response::json(
         StatusCode::OK,
-        &json!({ "uid": uid, "revoked": revoked, "stacks": found, "sessions_cancelled": cancelled }),
+        &json!({
+            "uid": uid,
+            "revoked": revoked,
+            "stacks": found,
+            "sessions_cancelled": cancelled,
+            "persisted": persisted,
+        }),
     )
 }
 
@@ -245,5 +309,19 @@ fn readyz(shared: &Shared) -> Response<Body> {
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({ "ready": false, "waiting_for": waiting }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_matches;
+
+    #[test]
+    fn bearers_match_only_when_equal() {
+        assert!(bearer_matches("s3cret-bearer", "s3cret-bearer"));
+        assert!(!bearer_matches("s3cret-beare", "s3cret-bearer"));
+        assert!(!bearer_matches("", "s3cret-bearer"));
+        assert!(!bearer_matches("s3cret-bearer-and-more", "s3cret-bearer"));
+        assert!(!bearer_matches("S3cret-bearer", "s3cret-bearer"));
     }
 }

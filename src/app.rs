@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Source as SourceConfig};
 use crate::metrics::Metrics;
-use crate::registry::poll::{poll_loop, Polled};
+use crate::registry::poll::{poll_loop, OnFailure, Polled};
 use crate::registry::source::{
     CmaBudget, CmaClient, FileSource, Source, CMA_REQUESTS_PER_SECOND, MAX_PAGE_TIMEOUT,
     MIN_PAGE_TIMEOUT,
@@ -64,11 +64,15 @@ pub fn build_shared(config: Config) -> Result<Arc<Shared>, StartError> {
         config.upstream.connect_timeout,
         config.upstream.ca_file.as_deref(),
     )?;
-    let h1pool = H1Pool::new(connector(
+    let h1pool = H1Pool::with_limit(
+        connector(
+            config.upstream.connect_timeout,
+            config.upstream.ca_file.as_deref(),
+            false,
+        )?,
+        config.upstream.max_connections,
         config.upstream.connect_timeout,
-        config.upstream.ca_file.as_deref(),
-        false,
-    )?);
+    );
     let router = Router::new(&config.routes);
     let mut list = Vec::with_capacity(config.stacks.len());
     let budget = Arc::new(CmaBudget::new(CMA_REQUESTS_PER_SECOND));
@@ -103,7 +107,9 @@ pub fn build_shared(config: Config) -> Result<Arc<Shared>, StartError> {
                 tracing::info!(stack = %stack.name, tokens = count, "serving the snapshot until the first sync");
             }
             Ok(None) => {}
-            Err(err) => tracing::warn!(stack = %stack.name, error = %err, "snapshot not used"),
+            Err(err) => {
+                tracing::warn!(stack = %stack.name, error = %err, "snapshot not used (rejected whole): the registry waits for its source")
+            }
         }
         if let Some(view) = registry.view() {
             record_registry(&metrics, &registry, &view.registry);
@@ -130,11 +136,13 @@ pub fn build_shared(config: Config) -> Result<Arc<Shared>, StartError> {
 /// [`FILE_POLL_INTERVAL`] for files), backing off on failure (see
 /// [`crate::registry::poll`]).
 async fn sync_loop(shared: Arc<Shared>, stack: Arc<StackRegistry>, shutdown: CancellationToken) {
-    let interval = match &stack.settings().source {
-        SourceConfig::Cma { interval, .. } => *interval,
-        SourceConfig::File { .. } => FILE_POLL_INTERVAL,
+    let (interval, on_failure) = match &stack.settings().source {
+        SourceConfig::Cma { interval, .. } => (*interval, OnFailure::BackOff),
+        // A file is not the CMA: no budget to spare, and a fixed file
+        // should be served within a second, not after a backoff.
+        SourceConfig::File { .. } => (FILE_POLL_INTERVAL, OnFailure::Retry),
     };
-    poll_loop(interval, shutdown, || async {
+    poll_loop(interval, on_failure, shutdown, || async {
         shared.sync_stack(&stack, false).await;
         let status = stack.status();
         Polled {
@@ -178,7 +186,11 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
         for stack in shared.stacks.iter() {
-            tracker.spawn(Arc::clone(stack).snapshot_writer(shutdown.clone()));
+            let failures = shared
+                .metrics
+                .snapshot_write_failures
+                .with_label_values(&[&stack.name]);
+            tracker.spawn(Arc::clone(stack).snapshot_writer(shutdown.clone(), failures));
             tracker.spawn(sync_loop(
                 Arc::clone(&shared),
                 Arc::clone(stack),

@@ -55,10 +55,37 @@ pub struct Activity {
     smuggled: AtomicBool,
     /// Close with a reset rather than a FIN: the connection was revoked.
     abortive: AtomicBool,
+    /// HTTP/2 response bodies in flight, each with [`SendClock`]'s value.
+    sends: std::sync::Mutex<Vec<std::sync::Weak<AtomicU64>>>,
+}
+
+/// Whether an HTTP/2 response body is waiting for the client to take what
+/// it was handed: 1 + milliseconds after the connection's start when it
+/// handed a frame that the server has not come back for, or 0. (The server
+/// does not ask a body for more while the stream has no window.)
+pub struct SendClock {
+    handed_at: Arc<AtomicU64>,
+    activity: Arc<Activity>,
+}
+
+impl SendClock {
+    /// A frame was handed over (`true`), or the body waits for its upstream
+    /// or is done (`false`).
+    pub fn handed(&self, frame: bool) {
+        let at = if frame { self.activity.now_ms() + 1 } else { 0 };
+        self.handed_at.store(at, Ordering::Release);
+    }
 }
 
 /// Marks a request in flight until dropped.
 pub struct ActivityGuard(Arc<Activity>);
+
+impl ActivityGuard {
+    /// The connection's activity record.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.0
+    }
+}
 
 impl Activity {
     /// A connection that has served nothing yet.
@@ -72,7 +99,35 @@ impl Activity {
             partial_since: AtomicU64::new(0),
             smuggled: AtomicBool::new(false),
             abortive: AtomicBool::new(false),
+            sends: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// A clock for an HTTP/2 response body, watched by [`Activity::send_stalled`].
+    pub fn send_clock(self: &Arc<Self>) -> SendClock {
+        let handed_at = Arc::new(AtomicU64::new(0));
+        let mut sends = self.sends.lock().unwrap_or_else(|p| p.into_inner());
+        sends.retain(|clock| clock.strong_count() > 0);
+        sends.push(Arc::downgrade(&handed_at));
+        SendClock {
+            handed_at,
+            activity: Arc::clone(self),
+        }
+    }
+
+    /// Whether an HTTP/2 response body has waited longer than `limit` for
+    /// the client to take a frame it was handed (`send_timeout`).
+    pub fn send_stalled(&self, limit: Duration) -> bool {
+        let now = self.now_ms();
+        let limit = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        let sends = self.sends.lock().unwrap_or_else(|p| p.into_inner());
+        sends
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .any(|clock| {
+                let at = clock.load(Ordering::Acquire);
+                at != 0 && now.saturating_sub(at - 1) > limit
+            })
     }
 
     fn now_ms(&self) -> u64 {

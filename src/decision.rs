@@ -520,4 +520,4 @@ fn api_key_from_path(path: &str) -> Option<&str> {
 #[cfg(test)]
 mod props;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -96,6 +96,9 @@ fn check(path: &std::path::Path) -> ExitCode {
         eprintln!("error: {err}");
         return ExitCode::from(2);
     }
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
     println!(
         "{}: ok ({} routes, {} stacks)",
         path.display(),

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub registry_last_success: GaugeVec,
     pub registry_sync_failures: IntCounterVec,
     pub registry_held_back: IntGaugeVec,
+    pub snapshot_write_failures: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -131,9 +132,16 @@ impl Metrics {
                 ),
                 &["stack"],
             )?,
+            snapshot_write_failures: IntCounterVec::new(
+                opts(
+                    "snapshot_write_failures_total",
+                    "Snapshot writes that failed (the registry is then not persisted).",
+                ),
+                &["stack"],
+            )?,
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(metrics.requests.clone()),
             Box::new(metrics.rejections.clone()),
             Box::new(metrics.upstream_duration.clone()),
@@ -146,6 +154,7 @@ impl Metrics {
             Box::new(metrics.registry_last_success.clone()),
             Box::new(metrics.registry_sync_failures.clone()),
             Box::new(metrics.registry_held_back.clone()),
+            Box::new(metrics.snapshot_write_failures.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector)?;
@@ -160,6 +169,7 @@ impl Metrics {
         self.registry_tokens.with_label_values(&[stack]);
         self.registry_version.with_label_values(&[stack]);
         self.registry_last_success.with_label_values(&[stack]);
+        self.snapshot_write_failures.with_label_values(&[stack]);
     }
 
     /// Removes every series labelled with a token that is gone.

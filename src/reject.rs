@@ -34,6 +34,8 @@ pub enum Reject {
     BadRequest(BadRequest),
     UpstreamError,
     UpstreamTimeout,
+    /// `upstream.max_connections` in use for longer than `connect_timeout`.
+    UpstreamBusy,
 }
 
 /// The shapes of row 16.
@@ -71,6 +73,7 @@ impl Reject {
             Reject::BadRequest(_) => "bad_request",
             Reject::UpstreamError => "upstream_error",
             Reject::UpstreamTimeout => "upstream_timeout",
+            Reject::UpstreamBusy => "upstream_busy",
         }
     }
 

@@ -142,6 +142,12 @@ fn describe(reject: &Reject) -> (StatusCode, u32, String, serde_json::Value) {
             "The upstream did not answer in time.".to_owned(),
             json!({}),
         ),
+        UpstreamBusy => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "Every connection to the upstream is in use. Try again shortly.".to_owned(),
+            json!({}),
+        ),
     };
     let code = code.unwrap_or(u32::from(status.as_u16()));
     (status, code, message, errors)
@@ -329,6 +335,7 @@ mod tests {
             (Reject::BadRequest(BadRequest::Malformed), 400),
             (Reject::UpstreamError, 502),
             (Reject::UpstreamTimeout, 504),
+            (Reject::UpstreamBusy, 503),
         ] {
             let r = rejection(&reject);
             assert_eq!(r.status(), status, "{reject:?}");

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::decision::Permit;
 use crate::limits::Limits;
 use crate::metrics::{Metrics, RouteDurations, TokenUsage};
 use crate::registry::snapshot::unix_secs;
@@ -100,6 +101,42 @@ impl Shared {
             "registry changed"
         );
         revocation.cancelled
+    }
+}
+
+impl Shared {
+    /// Counts a forwarded request of `permit`'s token (usage and
+    /// `requests_total`), unless the token is gone by now.
+    pub fn record_forwarded(&self, permit: &Permit<'_>) {
+        let stack = permit.stack;
+        let uid = &permit.token.uid;
+        let kind = permit.route.kind;
+        self.usage
+            .forwarded(&self.metrics, (stack.index, &stack.name), uid, kind);
+        self.forget_if_gone(stack, uid, Some(permit.version));
+    }
+
+    /// Forgets `uid`'s per-token state (usage entry, `requests_total` series,
+    /// limiter bucket) again if the stack's current registry no longer lists
+    /// it. The request path calls it after recording anything for a token:
+    /// a request decided on an older version must not re-create what
+    /// [`Shared::apply_change`] forgot. Race-free because a registry is
+    /// swapped in before its change is applied: either this check sees the
+    /// token gone, or the forgetting comes after what was recorded.
+    /// `decided_on`: the version the request was decided on (if that is
+    /// still the current one, the token is there and nothing is looked up).
+    pub fn forget_if_gone(&self, stack: &StackRegistry, uid: &str, decided_on: Option<u64>) {
+        let gone = match &*stack.load() {
+            Some(view) => {
+                decided_on != Some(view.registry.version()) && view.registry.get(uid).is_none()
+            }
+            None => true,
+        };
+        if gone {
+            self.metrics.forget_token(&stack.name, uid);
+            self.usage.forget(stack.index, uid);
+            self.limits.forget(stack.index, uid);
+        }
     }
 }
 

@@ -865,3 +865,36 @@ async fn an_origin_that_cannot_be_reached_in_time_is_504() {
     assert_eq!(reply.reason(), "upstream_error");
     assert_serves(addr, "after the unreachable origin").await;
 }
+
+/// Accepted sockets have TCP keepalive, so a client that vanished without a
+/// FIN (power loss, a NAT that dropped the mapping) is found by the kernel.
+/// Read from /proc/net/tcp: an idle established socket with keepalive runs
+/// the keepalive timer (`tr` 02), one without runs none (00).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn accepted_sockets_have_tcp_keepalive() {
+    let _serial = SERIAL.lock().await;
+    let w = world_with("").await;
+    let client = TcpStream::connect(w.gateway.http).await.unwrap();
+    let client_port = client.local_addr().unwrap().port();
+    let gateway_port = w.gateway.http.port();
+    // The gateway's end of this connection: local = gateway, remote = client.
+    let timer = |table: &str| {
+        table.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+            let ours = port(fields.get(1)?) == Some(gateway_port)
+                && port(fields.get(2)?) == Some(client_port)
+                && fields.get(3) == Some(&"01");
+            ours.then(|| fields.get(5).map(|tr| tr[..2].to_owned()))?
+        })
+    };
+    // The kernel lists the socket once the handshake is done, before the
+    // gateway accepts it and sets the option: wait for the timer.
+    wait_until(
+        "a keepalive timer on the gateway's end of the connection",
+        || timer(&std::fs::read_to_string("/proc/net/tcp").unwrap()).as_deref() == Some("02"),
+    )
+    .await;
+    drop(client);
+}

@@ -70,10 +70,12 @@ idle_timeout = "60s"
 max_connections = 10000
 max_body_bytes = 1048576
 grace_period = "30s"
+send_timeout = "60s"
 
 [upstream]
 connect_timeout = "2s"
 request_timeout = "30s"
+max_connections = 1024
 ca_file = "{dir}/private-ca.pem"
 
 [[routes]]
@@ -232,6 +234,17 @@ fn check_accepts_a_config_with_every_key() {
         "stdout: {}",
         checked.stdout
     );
+    // [admin] is set: the two stacks without a snapshot are warned about
+    // (admin revocations of theirs would live only in memory).
+    for (stack, warned) in [(0, false), (1, true), (2, true)] {
+        let line = format!("warning: stacks[{stack}].registry.snapshot: not set");
+        assert_eq!(
+            checked.stderr.contains(&line),
+            warned,
+            "stacks[{stack}]: {}",
+            checked.stderr
+        );
+    }
     assert_no_secrets(&checked.stdout);
     assert_no_secrets(&checked.stderr);
 }
@@ -1150,4 +1163,59 @@ async fn open(addr: SocketAddr, request: Request<Full<Bytes>>) -> hyper::body::I
     let response = sender.send_request(request).await.expect("response");
     assert_eq!(response.status(), 200);
     response.into_body()
+}
+
+/// Out of descriptors, the admin listener's accept fails (EMFILE) for as
+/// long as connections wait in its backlog. It must back off, not spin:
+/// each failure waits twice as long as the one before (10 ms, 20 ms, ...),
+/// which its log lines say. Run with a limit of 64 descriptors, then
+/// connections to the admin port until accepting fails.
+#[tokio::test]
+async fn the_admin_listener_backs_off_when_out_of_descriptors() {
+    use std::os::unix::process::CommandExt;
+    const LIMIT: libc::rlim_t = 64;
+    let origin = spawn_origin().await;
+    let mut gw = run_gateway_with(&origin, &[], |command| {
+        // SAFETY: the closure only makes one async-signal-safe system call.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: LIMIT,
+                    rlim_max: LIMIT,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    })
+    .await;
+    // More connections than the gateway has descriptors left: the backlog
+    // keeps the rest, and accepting them fails.
+    let mut held = Vec::new();
+    for _ in 0..LIMIT {
+        held.push(TcpStream::connect(gw.admin).await.unwrap());
+    }
+    let backed_off = gw
+        .proc
+        .stderr
+        .wait_for("the fifth failed admin accept in a row", |l| {
+            l.contains("admin accept failed") && l.contains("wait=160ms")
+        })
+        .await;
+    assert!(backed_off.contains("WARN"), "{backed_off}");
+    let failures = gw
+        .proc
+        .stderr
+        .seen
+        .iter()
+        .filter(|l| l.contains("admin accept failed"))
+        .count();
+    assert!(
+        failures <= 8,
+        "{failures} failed accepts logged before the fifth backoff: it spins"
+    );
+    drop(held);
 }

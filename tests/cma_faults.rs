@@ -236,3 +236,133 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The kill switch never waits on the CMA. With a sync stuck halfway through
+/// a page (a page may take 20 s here), an admin revocation answers, cuts the
+/// token's live stream and refuses the token while the page is still held;
+/// and the sync, once the page ends, does not undo it.
+#[tokio::test]
+async fn an_admin_revocation_does_not_wait_for_a_sync_stuck_mid_page() {
+    use http_body_util::BodyExt;
+
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let gateway = spawn_ready(&config(&origin.url(), &registry(&cma.url(), "1h", ""))).await;
+
+    // A live stream of the token about to be revoked.
+    let stream = tokio::net::TcpStream::connect(gateway.http).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(get(
+            "cdn.test",
+            "/stream?chunks=400&interval_ms=50",
+            &[("api_key", API_KEY), ("access_token", PROD)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    assert!(body.frame().await.unwrap().is_ok(), "the stream started");
+
+    // A sync whose page stops halfway (it lists one more token).
+    let mut tokens = standard_tokens();
+    tokens.push(cma::token_json(
+        "blt_extra",
+        "Extra",
+        "cs_extra_delivery_value_9z",
+        None,
+        ("production", "blt_env_prod"),
+        None,
+        None,
+    ));
+    cma.set_tokens(tokens);
+    cma.set_mode(cma::Mode::HangMidPage);
+    let admin = gateway.admin;
+    let sync = tokio::spawn(async move {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri("/admin/sync")
+            .header("host", "admin")
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        send(admin, request).await
+    });
+    cma.wait_for_hung(1).await;
+
+    let revoked = gateway.admin("POST", "/admin/tokens/blt_prod/revoke").await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    assert!(
+        !sync.is_finished(),
+        "the revocation answered only once the sync had ended"
+    );
+    assert_eq!(
+        cma.hanging(),
+        1,
+        "the revocation answered only once the CMA page ended"
+    );
+    assert_eq!(
+        revoked.json()["sessions_cancelled"],
+        1,
+        "{}",
+        revoked.text()
+    );
+    let changed = logs()
+        .lines()
+        .filter(|l| l.contains("registry changed") && l.contains("stack=website"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    assert!(
+        changed.iter().any(|l| l.contains("sessions_cancelled=1")),
+        "the log does not count the stream the revocation cut: {changed:?}"
+    );
+    // The live stream ends in an error, and the token is refused, while
+    // the page is still held.
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return true,
+                None => return false,
+            }
+        }
+    })
+    .await
+    .expect("the revoked stream went on");
+    assert!(cut, "the revoked stream ran to its end");
+    assert_eq!(
+        status(&gateway, PROD).await,
+        (401, "token_revoked".to_owned())
+    );
+    assert_eq!(cma.hanging(), 1, "the CMA page is still held");
+    assert!(!sync.is_finished(), "the sync is still fetching");
+
+    // The page ends; the sync applies its list over the revocation.
+    cma.release();
+    let report = sync.await.unwrap().json();
+    assert!(report["stacks"]["website"]["error"].is_null(), "{report}");
+    assert_eq!(
+        report["stacks"]["website"]["added"][0], "blt_extra",
+        "{report}"
+    );
+    assert_eq!(
+        status(&gateway, PROD).await,
+        (401, "token_revoked".to_owned()),
+        "the sync that fetched before the revocation undid it"
+    );
+    assert_eq!(status(&gateway, "cs_extra_delivery_value_9z").await.0, 200);
+    let listed = gateway.admin("GET", "/admin/tokens").await.json();
+    let prod = listed["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["uid"] == "blt_prod")
+        .unwrap()
+        .clone();
+    assert_eq!(prod["revoked"], true, "{listed}");
+}

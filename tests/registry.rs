@@ -443,8 +443,14 @@ async fn the_snapshot_serves_a_restart_while_the_cma_is_down() {
         .admin("POST", "/admin/tokens/blt_staging/revoke")
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["persisted"], true, "{}", reply.text());
     assert_refused(&w.gateway, STAGING, 401, "token_revoked", "revoked").await;
     let version = w.gateway.version();
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(
+        on_disk["version"], version,
+        "answered persisted before the file held it"
+    );
     let calls = w.cma.call_count();
     let text = std::fs::read_to_string(&path).unwrap();
     assert_no_value(&text, "the snapshot after a revocation");
@@ -1117,4 +1123,101 @@ async fn no_token_value_leaks_into_logs_metrics_or_admin_answers() {
     let logs = logs();
     assert!(!logs.is_empty(), "no logs captured");
     assert_no_value(&logs, "the logs");
+}
+
+/// `"persisted": false` when the snapshot cannot be written (its path lies
+/// under a regular file: tests run as root, so a read-only directory would
+/// not fail): the revocation still takes effect at once, a warning is logged,
+/// and the failure is counted.
+#[tokio::test]
+async fn a_failed_snapshot_write_answers_not_persisted_and_is_counted() {
+    const FAILED: &str = r#"stackgate_snapshot_write_failures_total{stack="website"}"#;
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("not-a-directory");
+    std::fs::write(&blocker, b"a regular file").unwrap();
+    let path = blocker.join("website.json");
+    let w = world(standard_tokens(), Some(&path)).await;
+    let stack = std::sync::Arc::clone(w.gateway.shared.stacks.get(0).unwrap());
+    wait_until("the first snapshot write failed", || {
+        stack.status().snapshot_error.is_some()
+    })
+    .await;
+    let before = metric(&w.gateway, FAILED).await;
+    assert!(before >= 1.0, "the first failed write was not counted");
+
+    let reply = w
+        .gateway
+        .admin("POST", "/admin/tokens/blt_staging/revoke")
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["persisted"], false, "{}", reply.text());
+    assert_eq!(reply.json()["revoked"], true, "{}", reply.text());
+    assert_refused(&w.gateway, STAGING, 401, "token_revoked", "revoked").await;
+    assert!(metric(&w.gateway, FAILED).await > before);
+    assert!(
+        logs()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("website") && l.contains("not persisted")),
+        "no warning that the revocation is not persisted"
+    );
+    assert!(!path.exists());
+}
+
+/// Without a `snapshot` path an admin revocation lives only in memory: the
+/// answer says so.
+#[tokio::test]
+async fn without_a_snapshot_a_revocation_is_not_persisted() {
+    let w = world(standard_tokens(), None).await;
+    let reply = w
+        .gateway
+        .admin("POST", "/admin/tokens/blt_prod/revoke")
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["persisted"], false, "{}", reply.text());
+    assert_refused(&w.gateway, PROD, 401, "token_revoked", "revoked").await;
+}
+
+/// A snapshot with out-of-range fields (an absurd `synced_at`, `version`)
+/// is rejected whole with a log line naming it, never a panic; the CMA decides.
+#[tokio::test]
+async fn a_snapshot_with_absurd_fields_is_rejected_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("website.json");
+    {
+        let w = world(standard_tokens(), Some(&path)).await;
+        wait_for_snapshot(&w.gateway).await;
+        assert!(w.gateway.stop(Duration::from_secs(5)).await);
+    }
+    let good: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for (field, value) in [
+        ("synced_at", json!(u64::MAX)),
+        ("version", json!(u64::MAX)),
+        ("synced_at", json!(i64::MAX)),
+    ] {
+        let mut file = good.clone();
+        file[field] = value;
+        std::fs::write(&path, file.to_string()).unwrap();
+        let origin = origin::spawn_origin().await;
+        let cma = cma::spawn_cma().await;
+        cma.set_tokens(staging_only());
+        cma.set_mode(Mode::Status(500));
+        let gateway = spawn_gateway(&config(
+            &origin.url(),
+            &cma_registry(&cma.url(), Some(&path)),
+        ))
+        .await;
+        let ready = gateway.admin_plain("GET", "/readyz").await;
+        assert_eq!(ready.status, 503, "{field}: the bad snapshot was served");
+        assert!(
+            logs()
+                .lines()
+                .any(|l| l.contains("snapshot not used") && l.contains(field)),
+            "{field}: no log line names the rejected snapshot"
+        );
+        cma.set_mode(Mode::Normal);
+        let report = sync(&gateway, "/admin/sync").await;
+        assert!(report.get("error").is_none(), "{report}");
+        assert_refused(&gateway, PROD, 401, "invalid_token", "the CMA decides").await;
+        assert_forwarded(&gateway, STAGING, "the CMA decides").await;
+    }
 }

@@ -457,3 +457,120 @@ async fn a_request_waiting_for_its_response_head_is_aborted() {
     }
     assert!(!line.contains(PROD), "{line}");
 }
+
+/// No resurrection (SPEC §6, §7): a request decided on the registry version
+/// before its token's deletion, and counted after it, leaves no usage entry,
+/// no `requests_total` series and no limiter bucket behind.
+#[tokio::test]
+async fn a_request_decided_before_a_deletion_does_not_resurrect_its_token() {
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let text = config(&origin.url(), &cma_registry(&cma.url(), None))
+        + "\n[stacks.limits]\nper_token = { rate = 1000, burst = 1000 }\n";
+    let gateway = spawn_ready(&text).await;
+    let shared = std::sync::Arc::clone(&gateway.shared);
+    let reply = send(gateway.http, delivery("/v3/entries", PROD)).await;
+    assert_eq!(reply.status, 200);
+    assert!(shared.usage.get(0, "blt_prod").is_some());
+    assert_eq!(shared.limits.tracked_tokens(0), 1);
+
+    // Decided on the version that still lists the token...
+    let (parts, _) = delivery("/v3/entries", PROD).into_parts();
+    let now = tokio::time::Instant::now();
+    let stackgate::decision::Decision::Forward(permit) =
+        stackgate::decision::decide(&shared.router, &shared.stacks, &parts, now)
+    else {
+        panic!("PROD is allowed before its deletion");
+    };
+    // ... which is deleted (its state forgotten) before the request is counted.
+    cma.set_tokens(without_prod());
+    let report = gateway.admin("POST", "/admin/sync").await.json();
+    assert_eq!(
+        report["stacks"]["website"]["removed"][0], "blt_prod",
+        "{report}"
+    );
+    assert!(shared.usage.get(0, "blt_prod").is_none());
+    assert!(shared.limits.admit(0, &permit.token).is_ok());
+    shared.record_forwarded(&permit);
+
+    assert!(
+        shared.usage.get(0, "blt_prod").is_none(),
+        "the usage entry came back"
+    );
+    assert_eq!(shared.limits.tracked_tokens(0), 0, "the bucket came back");
+    let metrics = gateway.metrics().await;
+    assert!(
+        !metrics.contains("token=\"blt_prod\""),
+        "a series of the deleted token came back:\n{metrics}"
+    );
+}
+
+/// The same over the wire, as the revocation race bench does it: clients
+/// keep sending a token's requests while it is deleted and listed again,
+/// over and over. Once it is deleted for good and every request has ended,
+/// nothing of it is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_deleted_under_load_leaves_no_state_behind() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let origin = origin::spawn_origin().await;
+    let cma = cma::spawn_cma().await;
+    cma.set_tokens(standard_tokens());
+    let text = config(&origin.url(), &cma_registry(&cma.url(), None))
+        + "\n[stacks.limits]\nper_token = { rate = 100000, burst = 100000 }\n";
+    let gateway = spawn_ready(&text).await;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (addr, stop) = (gateway.http, std::sync::Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut answered = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                        continue;
+                    };
+                    let Ok((mut sender, conn)) = http1::handshake(TokioIo::new(stream)).await
+                    else {
+                        continue;
+                    };
+                    tokio::spawn(conn);
+                    if let Ok(response) = sender.send_request(delivery("/v3/entries", PROD)).await {
+                        let _ = response.into_body().collect().await;
+                        answered += 1;
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    for _ in 0..15 {
+        cma.set_tokens(without_prod());
+        gateway.admin("POST", "/admin/sync").await;
+        cma.set_tokens(standard_tokens());
+        gateway.admin("POST", "/admin/sync").await;
+    }
+    cma.set_tokens(without_prod());
+    let report = gateway.admin("POST", "/admin/sync").await.json();
+    assert_eq!(
+        report["stacks"]["website"]["removed"][0], "blt_prod",
+        "{report}"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let mut answered = 0;
+    for client in clients {
+        answered += client.await.unwrap();
+    }
+    assert!(answered > 0, "no request went through");
+    let shared = &gateway.shared;
+    wait_until("every session of the deleted token over", || {
+        shared.sessions.live(0, "blt_prod") == 0
+    })
+    .await;
+    assert!(shared.usage.get(0, "blt_prod").is_none(), "usage came back");
+    assert_eq!(shared.limits.tracked_tokens(0), 0, "a bucket came back");
+    let metrics = gateway.metrics().await;
+    assert!(
+        !metrics.contains("token=\"blt_prod\""),
+        "a series of the deleted token came back"
+    );
+}

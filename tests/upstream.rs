@@ -227,3 +227,147 @@ async fn https_upstreams_are_verified_and_reached_over_tls() {
     assert_eq!(reply.status, 502, "{}", reply.text());
     assert_eq!(origin.request_count(), before);
 }
+
+/// `upstream.max_connections`: past it a request waits up to
+/// `connect_timeout` for a connection to come free, then gets 503
+/// `upstream_busy`; once one is free, requests go through again.
+#[tokio::test]
+async fn past_max_connections_a_request_waits_then_gets_upstream_busy() {
+    let origin = origin::spawn_origin().await;
+    let extra = "[upstream]\nmax_connections = 1\nconnect_timeout = \"300ms\"\n";
+    let (gw, _cma) = gateway_to(&origin.url(), extra).await;
+
+    // One slow request holds the only connection.
+    let addr = gw.http;
+    let slow = tokio::spawn(async move { send(addr, allowed("/slow?ms=2000")).await });
+    origin.wait_for_requests(1).await;
+
+    let started = std::time::Instant::now();
+    let busy = send(gw.http, allowed("/v3/entries/busy")).await;
+    assert_eq!(busy.status, 503, "{}", busy.text());
+    assert_eq!(busy.reason(), "upstream_busy");
+    assert_eq!(busy.json()["error_code"], 503);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "refused after {:?}, before connect_timeout",
+        started.elapsed()
+    );
+    assert_eq!(origin.request_count(), 1, "the busy request was forwarded");
+
+    // The slow one finishes; its connection is free again.
+    assert_eq!(slow.await.unwrap().status, 200);
+    assert_eq!(
+        send(gw.http, allowed("/v3/entries/after")).await.status,
+        200
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"stackgate_rejections_total{reason="upstream_busy",stack="website"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// `server.send_timeout`: a client that asks for a large response and stops
+/// reading is cut off once a write has made no progress that long, and its
+/// session and upstream connection are released.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SIZE: usize = 64 * 1024 * 1024;
+    let origin = origin::spawn_origin().await;
+    let extra = "[server]\nsend_timeout = \"500ms\"\nidle_timeout = \"60s\"\n[upstream]\nrequest_timeout = \"60s\"\n";
+    let (gw, _cma) = gateway_to(&origin.url(), extra).await;
+
+    let mut stream = TcpStream::connect(gw.http).await.unwrap();
+    let head = format!(
+        "GET /big?bytes={SIZE} HTTP/1.1\r\nhost: cdn.test\r\napi_key: {API_KEY}\r\naccess_token: {PROD}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 4096];
+    let n = stream.read(&mut first).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    // Stop reading. The session ends once the gateway gives up writing.
+    let stack = 0;
+    wait_until("the stalled client's session released", || {
+        gw.shared.sessions.live(stack, "blt_prod") == 0
+    })
+    .await;
+    assert_eq!(
+        gw.shared.h1pool.idle(),
+        0,
+        "a cut-off upstream connection went back to the pool"
+    );
+
+    // What was buffered before the cut can still be read; then the connection ends.
+    let mut total = n;
+    let mut buf = vec![0u8; 1 << 20];
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open");
+    assert!(total < SIZE, "the whole response was sent ({total} bytes)");
+}
+
+/// The same over HTTP/2: a stream whose client takes nothing (its window
+/// stays shut) ends its connection after `send_timeout`, while a client that
+/// reads is not bothered.
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_is_cut_after_send_timeout() {
+    use http_body_util::BodyExt;
+    const SIZE: usize = 64 * 1024 * 1024;
+    let origin = origin::spawn_origin().await;
+    let extra = "[server]\nsend_timeout = \"500ms\"\nidle_timeout = \"60s\"\n[upstream]\nrequest_timeout = \"60s\"\n";
+    let (gw, _cma) = gateway_to(&origin.url(), extra).await;
+
+    let stream = TcpStream::connect(gw.http).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .initial_connection_window_size(16 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = connection.await;
+        let _ = closed_tx.send(());
+    });
+    let request = http::Request::get(format!("http://cdn.test/big?bytes={SIZE}"))
+        .header("api_key", API_KEY)
+        .header("access_token", PROD)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    assert!(body.frame().await.unwrap().is_ok(), "the body started");
+    // Read no more: the window stays shut.
+    tokio::time::timeout(std::time::Duration::from_secs(10), closed)
+        .await
+        .expect("the stalled HTTP/2 connection stayed open")
+        .unwrap();
+    wait_until("the stalled stream's session released", || {
+        gw.shared.sessions.live(0, "blt_prod") == 0
+    })
+    .await;
+
+    // A client that reads a large response through is not cut.
+    let mut reader = h2c(gw.http).await;
+    let request = http::Request::get("http://cdn.test/big?bytes=4194304")
+        .header("api_key", API_KEY)
+        .header("access_token", PROD)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = read(reader.send_request(request).await.unwrap()).await;
+    assert_eq!(reply.body.len(), 4 * 1024 * 1024);
+}

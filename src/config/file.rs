@@ -57,6 +57,7 @@ pub struct Server {
     pub max_connections: Option<usize>,
     pub max_body_bytes: Option<u64>,
     pub grace_period: Option<DurationStr>,
+    pub send_timeout: Option<DurationStr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,6 +65,7 @@ pub struct Server {
 pub struct Upstream {
     pub connect_timeout: Option<DurationStr>,
     pub request_timeout: Option<DurationStr>,
+    pub max_connections: Option<usize>,
     pub ca_file: Option<PathBuf>,
 }
 
@@ -165,15 +167,27 @@ impl<'de> Deserialize<'de> for DurationStr {
     }
 }
 
-/// Parses `"500ms"`, `"10s"`, `"1m30s"`, `"6h"`; `"0"` is zero.
+/// The longest duration any key may hold: ten years. Far beyond any sane
+/// timeout or staleness, and small enough that no `Instant + Duration` the
+/// gateway computes from it can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Parses `"500ms"`, `"10s"`, `"1m30s"`, `"6h"`; `"0"` is zero. At most
+/// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(text).map_err(|_| {
+    let duration = humantime::parse_duration(text).map_err(|_| {
         format!("invalid duration {text:?}: expected a string like \"500ms\", \"10s\" or \"6h\"")
-    })
+    })?;
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "duration {text:?} is longer than the limit of 10 years"
+        ));
+    }
+    Ok(duration)
 }
 
 #[cfg(test)]

@@ -93,6 +93,7 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         max_connections,
         max_body_bytes,
         grace_period,
+        send_timeout,
     } = server;
     let server = ServerSettings {
         header_timeout: positive(
@@ -120,11 +121,13 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             other => other.unwrap_or(DEFAULT_MAX_BODY_BYTES),
         },
         grace_period: grace_period.map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
+        send_timeout: positive("server.send_timeout", send_timeout, DEFAULT_SEND_TIMEOUT)?,
     };
 
     let file::Upstream {
         connect_timeout,
         request_timeout,
+        max_connections: upstream_max_connections,
         ca_file,
     } = upstream;
     let upstream = UpstreamSettings {
@@ -138,6 +141,15 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
             request_timeout,
             DEFAULT_REQUEST_TIMEOUT,
         )?,
+        max_connections: match upstream_max_connections {
+            Some(0) => {
+                return Err(ConfigError::invalid(
+                    "upstream.max_connections",
+                    "must be at least 1",
+                ))
+            }
+            other => other.unwrap_or(DEFAULT_UPSTREAM_MAX_CONNECTIONS),
+        },
         ca_file,
     };
 

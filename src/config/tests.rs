@@ -21,10 +21,12 @@ idle_timeout = "60s"
 max_connections = 10000
 max_body_bytes = 1048576
 grace_period = "30s"
+send_timeout = "60s"
 
 [upstream]
 connect_timeout = "2s"
 request_timeout = "30s"
+max_connections = 1024
 ca_file = "certs/private-ca.pem"
 
 [[routes]]
@@ -88,6 +90,8 @@ fn the_spec_example_parses_with_every_key() {
     assert_eq!(config.listen.http, Some("0.0.0.0:8080".parse().unwrap()));
     assert_eq!(config.server.max_body_bytes, 1_048_576);
     assert_eq!(config.upstream.request_timeout, Duration::from_secs(30));
+    assert_eq!(config.server.send_timeout, Duration::from_secs(60));
+    assert_eq!(config.upstream.max_connections, 1024);
     assert_eq!(config.routes[0].path_prefix.as_deref(), Some("/cda"));
     assert_eq!(
         config.routes[1].upstream.authority.as_str(),
@@ -208,6 +212,32 @@ fn bad_values_name_their_key() {
             "max_connections = \"many\"",
             "server.max_connections",
         ),
+        (
+            "max_connections = 1024",
+            "max_connections = 0",
+            "upstream.max_connections",
+        ),
+        (
+            "send_timeout = \"60s\"",
+            "send_timeout = \"0\"",
+            "server.send_timeout",
+        ),
+        // No duration may be long enough for `Instant + Duration` to overflow.
+        (
+            "max_staleness = \"6h\"",
+            "max_staleness = \"100000000years\"",
+            "stacks[0].registry.max_staleness",
+        ),
+        (
+            "idle_timeout = \"60s\"",
+            "idle_timeout = \"11years\"",
+            "server.idle_timeout",
+        ),
+        (
+            "request_timeout = \"30s\"",
+            "request_timeout = \"584542046090years\"",
+            "upstream.request_timeout",
+        ),
     ];
     for (from, to, key) in cases {
         assert!(FULL.contains(from), "fixture lacks {from}");
@@ -248,6 +278,27 @@ max_staleness = "0"
         "graphql.contentstack.com"
     );
     assert!(config.admin_token.is_none());
+    assert_eq!(config.server.send_timeout, DEFAULT_SEND_TIMEOUT);
+    assert_eq!(
+        config.upstream.max_connections,
+        DEFAULT_UPSTREAM_MAX_CONNECTIONS
+    );
+    assert!(
+        config.warnings().is_empty(),
+        "no [admin], nothing to persist"
+    );
+}
+
+#[test]
+fn an_admin_api_without_a_snapshot_is_warned_about() {
+    assert!(parse(FULL).unwrap().warnings().is_empty());
+    let text = FULL.replace("snapshot = \"/var/lib/stackgate/website.json\"\n", "");
+    let warnings = parse(&text).unwrap().warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("stacks[0].registry.snapshot"),
+        "{warnings:?}"
+    );
 }
 
 #[test]

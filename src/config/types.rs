@@ -23,6 +23,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1_048_576;
 /// `server.grace_period` default.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// `server.send_timeout` default (nginx's `send_timeout` is 60 s too).
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// `upstream.max_connections` default.
+pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 1024;
 /// `upstream.connect_timeout` default.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// `upstream.request_timeout` default.
@@ -124,6 +128,9 @@ pub struct ServerSettings {
     pub max_connections: usize,
     pub max_body_bytes: u64,
     pub grace_period: Duration,
+    /// A response write that makes no progress this long ends the
+    /// connection (HTTP/2: the stream).
+    pub send_timeout: Duration,
 }
 
 /// `[upstream]`.
@@ -131,7 +138,28 @@ pub struct ServerSettings {
 pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Requests in flight (so connections in use) per upstream; past it a
+    /// request waits up to `connect_timeout`, then gets 503 `upstream_busy`.
+    pub max_connections: usize,
     pub ca_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// What is valid but probably not meant: printed by `stackgate check`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.admin_token.is_some() {
+            for (index, stack) in self.stacks.iter().enumerate() {
+                if stack.registry.snapshot.is_none() {
+                    warnings.push(format!(
+                        "stacks[{index}].registry.snapshot: not set, so admin revocations of stack {:?} live only in memory (lost on restart; answered \"persisted\": false)",
+                        stack.name
+                    ));
+                }
+            }
+        }
+        warnings
+    }
 }
 
 /// One `[[stacks]]` entry.

@@ -65,12 +65,15 @@ pub(super) fn settings(max_staleness: Duration) -> RegistrySettings {
 }
 
 /// The routes and stacks a decision is made against.
-pub(super) struct World {
-    pub(super) router: Router,
-    pub(super) stacks: Stacks,
+pub(crate) struct World {
+    pub(crate) router: Router,
+    pub(crate) stacks: Stacks,
 }
 
-fn world() -> World {
+/// Routes for `cdn.test`, `preview.test`, `graphql.test`, `gqlpreview.test`,
+/// and stacks `blt_site` (tokens `cs_prod`, `cs_prod_preview`, ...),
+/// `blt_unloaded`, `blt_stale`.
+pub(crate) fn world() -> World {
     let router = Router::new(&[
         route(0, RouteKind::Delivery, "cdn.test"),
         route(1, RouteKind::Preview, "preview.test"),
@@ -484,10 +487,10 @@ async fn a_permit_is_decided_again_when_the_registry_moved() {
     assert_eq!(recheck(&permit), None, "nothing moved");
 
     let stack = world.stacks.by_api_key("blt_site").unwrap();
-    stack.set_admin_revocation("blt_prod", true).await.unwrap();
+    stack.set_admin_revocation("blt_prod", true).unwrap();
     assert_eq!(recheck(&permit), Some("token_revoked"));
 
     // Lifted again: the newest registry allows it, so the permit holds.
-    stack.set_admin_revocation("blt_prod", false).await.unwrap();
+    stack.set_admin_revocation("blt_prod", false).unwrap();
     assert_eq!(recheck(&permit), None);
 }

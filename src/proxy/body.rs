@@ -11,7 +11,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::conn::ActivityGuard;
+use crate::conn::{ActivityGuard, SendClock};
 use crate::response::BoxError;
 use crate::sessions::RequestGuard;
 
@@ -33,6 +33,9 @@ pub struct Tracked<B> {
     inner: B,
     cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     stall: Option<Stall>,
+    /// HTTP/2 only: tells the connection's watchdog when a handed frame is
+    /// not taken (`send_timeout`).
+    send: Option<SendClock>,
     _session: Option<RequestGuard>,
     _activity: Option<ActivityGuard>,
 }
@@ -82,10 +85,16 @@ impl<B> Tracked<B> {
             timer: None,
             progressed: false,
         });
+        // A forwarded HTTP/2 body (its stream can be cancelled) is watched.
+        let send = match (&cancel, &activity) {
+            (Some(_), Some(activity)) => Some(activity.activity().send_clock()),
+            _ => None,
+        };
         Tracked {
             inner,
             cancel,
             stall,
+            send,
             _session: session,
             _activity: activity,
         }
@@ -114,9 +123,15 @@ where
                 if let Some(stall) = self.stall.as_mut() {
                     stall.progressed = true;
                 }
+                if let Some(send) = &self.send {
+                    send.handed(matches!(frame, Some(Ok(_))));
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
+                if let Some(send) = &self.send {
+                    send.handed(false);
+                }
                 let expired = self.stall.as_mut().is_some_and(|s| s.poll_expired(cx));
                 if expired {
                     Poll::Ready(Some(Err(Box::new(Aborted::UpstreamStalled))))

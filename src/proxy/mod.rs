@@ -37,7 +37,7 @@ use crate::metrics::{NO_STACK, NO_TOKEN};
 use crate::reject::{BadRequest, Reject};
 use crate::response::{self, Body};
 use crate::state::Shared;
-use crate::upstream::h1pool::Leased;
+use crate::upstream::h1pool::{self, Leased, SendError, UpstreamPermit};
 use access::{Access, Outcome, Pending};
 use outgoing::{log_id, request_id, strip_hop_by_hop, upstream_request};
 
@@ -177,13 +177,17 @@ fn refuse(
         shared.usage.record(stack.index, uid, true);
     }
     let outcome = match reject {
-        Reject::UpstreamError | Reject::UpstreamTimeout => "upstream_error",
+        Reject::UpstreamError | Reject::UpstreamTimeout | Reject::UpstreamBusy => "upstream_error",
         _ => "rejected",
     };
     metrics
         .requests
         .with_label_values(&[access.stack, access.token, access.route, outcome])
         .inc();
+    if let (Some(stack), Some(uid)) = (stack, &token) {
+        // Recorded above for a token the registry may have dropped since.
+        shared.forget_if_gone(stack, uid, None);
+    }
     let elapsed = started.elapsed();
     if let Some(route) = route {
         shared.durations.request[route.kind.index()].observe(elapsed.as_secs_f64());
@@ -257,6 +261,8 @@ async fn forward(
         .begin(&conn.sessions, &permit, parts.version == Version::HTTP_2);
     if let Some(refusal) = recheck(&shared.router, &shared.stacks, parts, &permit, started) {
         drop(guard);
+        // The token's bucket was made on admission; it may be gone since.
+        shared.forget_if_gone(permit.stack, &permit.token.uid, None);
         return refused(&mut line, refusal, activity);
     }
     // Requests lease an HTTP/1.1 upstream connection from the light pool,
@@ -272,16 +278,21 @@ async fn forward(
     let upstream_started = Instant::now();
     let timeout = shared.config.upstream.request_timeout;
     let call = tokio::time::timeout(timeout, async {
+        let upstream = &permit.route.upstream;
         if pooled {
+            let held = shared
+                .h1pool
+                .permit(upstream)
+                .await
+                .map_err(UpstreamFailure::H1)?;
             let response = shared.client.request(upstream_request).await;
             response
-                .map(|response| (response, None))
+                .map(|response| (response, Lease::Pooled(held)))
                 .map_err(UpstreamFailure::Pooled)
         } else {
-            let upstream = &permit.route.upstream;
             let response = shared.h1pool.send(upstream, upstream_request).await;
             response
-                .map(|(response, lease)| (response, Some(lease)))
+                .map(|(response, lease)| (response, Lease::H1(lease)))
                 .map_err(UpstreamFailure::H1)
         }
     });
@@ -300,7 +311,9 @@ async fn forward(
         Ok(Ok(answered)) => answered,
         Ok(Err(err)) => {
             tracing::warn!(route = line.access().route, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
-            let reject = if connect_timed_out(&err) {
+            let reject = if matches!(err, UpstreamFailure::H1(SendError::Busy)) {
+                Reject::UpstreamBusy
+            } else if connect_timed_out(&err) {
                 Reject::UpstreamTimeout
             } else {
                 Reject::UpstreamError
@@ -319,12 +332,7 @@ async fn forward(
     durations.upstream[kind.index()].observe(upstream_started.elapsed().as_secs_f64());
     let elapsed = started.elapsed();
     durations.request[kind.index()].observe(elapsed.as_secs_f64());
-    shared.usage.forwarded(
-        &shared.metrics,
-        (permit.stack.index, &permit.stack.name),
-        &permit.token.uid,
-        kind,
-    );
+    shared.record_forwarded(&permit);
     line.write(Outcome::Forwarded(upstream.status().as_u16()));
 
     let (mut head, body) = upstream.into_parts();
@@ -334,7 +342,10 @@ async fn forward(
     // stalled origin cannot hold a client connection forever.
     let stall = Some(shared.config.upstream.request_timeout);
     // Read to the end, the body gives its HTTP/1.1 connection back to the pool.
-    let body = Leased::new(body, lease);
+    let body = match lease {
+        Lease::H1(lease) => Leased::new(body, Some(lease)),
+        Lease::Pooled(permit) => Leased::new(body, None).holding(Some(permit)),
+    };
     let body = Tracked::new(body, Some(guard), Some(activity), stall).boxed_unsync();
     Ok(Response::from_parts(head, body))
 }
@@ -356,6 +367,13 @@ fn connect_timed_out(err: &UpstreamFailure) -> bool {
         UpstreamFailure::Pooled(err) => err.is_connect() && crate::upstream::timed_out(err),
         UpstreamFailure::H1(err) => err.is_connect_timeout(),
     }
+}
+
+/// What a forwarded response holds until its body is done: its HTTP/1.1
+/// connection (with its permit), or its permit alone (shared pooled client).
+enum Lease {
+    H1(h1pool::Lease),
+    Pooled(UpstreamPermit),
 }
 
 /// Why an upstream call failed, in the shared pool or the HTTP/1.1 one.

@@ -195,3 +195,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::decision::{decide, Decision, ACCESS_TOKEN};
+
+    #[test]
+    fn forwarded_credentials_are_marked_sensitive() {
+        let world = crate::decision::tests::world();
+        let (parts, _) = Request::get("/v3/entries")
+            .header("host", "preview.test")
+            .header("api_key", "blt_site")
+            .header("access_token", "cs_prod")
+            .header("preview_token", "cs_prod_preview")
+            .header("x-other", "plain")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let now = tokio::time::Instant::now();
+        let Decision::Forward(permit) = decide(&world.router, &world.stacks, &parts, now) else {
+            panic!("a preview request with both credentials is allowed");
+        };
+        let metrics = crate::metrics::Metrics::new().unwrap();
+        let sessions = crate::sessions::Sessions::new(metrics, vec![]);
+        let conn = ConnInfo::new(
+            "127.0.0.1:1".parse().unwrap(),
+            "http",
+            sessions.connection(),
+        );
+        let request = upstream_request(&parts, &permit, &conn, Bytes::new(), true).unwrap();
+        let headers = request.headers();
+        assert!(headers[&ACCESS_TOKEN].is_sensitive());
+        assert!(headers[&PREVIEW_TOKEN].is_sensitive());
+        assert!(!headers["x-other"].is_sensitive());
+    }
+}

@@ -121,7 +121,7 @@ pub fn next(old: &Registry, tokens: Vec<Token>, now: u64) -> Option<(Registry, D
     revoked.retain(|digest, _| !listed.contains_key(digest));
     prune_revoked(&mut revoked, now);
     let next = Registry::from_parts(
-        old.version() + 1,
+        old.version().saturating_add(1),
         tokens,
         revoked,
         old.admin_revoked().clone(),

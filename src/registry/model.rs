@@ -210,13 +210,23 @@ pub enum Lookup<'a> {
 }
 
 /// One stack's tokens at one version. Immutable; swapped whole.
+///
+/// The token maps (what a sync builds) are shared, behind an `Arc`, by every
+/// version that only differs in its admin revocations: an admin revocation
+/// makes a new version in O(admin-revoked uids), whatever the registry's size.
 #[derive(Debug, Default)]
 pub struct Registry {
     version: u64,
-    tokens: HashMap<Arc<str>, Arc<Token>>,
+    tokens: Arc<Tokens>,
+    admin_revoked: Arc<BTreeSet<Arc<str>>>,
+}
+
+/// What a sync lists: the tokens by uid and by digest, and the revoked digests.
+#[derive(Debug, Default)]
+struct Tokens {
+    by_uid: HashMap<Arc<str>, Arc<Token>>,
     live: DigestMap<(Arc<Token>, TokenKind)>,
     revoked: DigestMap<Revoked>,
-    admin_revoked: BTreeSet<Arc<str>>,
 }
 
 impl Registry {
@@ -250,11 +260,29 @@ impl Registry {
         }
         Registry {
             version,
-            tokens: by_uid,
-            live,
-            revoked,
-            admin_revoked,
+            tokens: Arc::new(Tokens {
+                by_uid,
+                live,
+                revoked,
+            }),
+            admin_revoked: Arc::new(admin_revoked),
         }
+    }
+
+    /// This registry's tokens at `version`, with `base`'s admin revocations:
+    /// how a sync's result is swapped in over whatever the admin API did
+    /// while it was fetching. Shares the token maps; costs O(1).
+    pub fn rebased(&self, version: u64, base: &Registry) -> Registry {
+        Registry {
+            version,
+            tokens: Arc::clone(&self.tokens),
+            admin_revoked: Arc::clone(&base.admin_revoked),
+        }
+    }
+
+    /// Whether `other` holds the very same token maps (not a copy).
+    pub fn same_tokens(&self, other: &Registry) -> bool {
+        Arc::ptr_eq(&self.tokens, &other.tokens)
     }
 
     /// Increases with every change; 0 for a registry that never loaded.
@@ -264,27 +292,27 @@ impl Registry {
 
     /// How many tokens are listed.
     pub fn len(&self) -> usize {
-        self.tokens.len()
+        self.tokens.by_uid.len()
     }
 
     /// Whether no token is listed.
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.tokens.by_uid.is_empty()
     }
 
     /// A listed token by uid.
     pub fn get(&self, uid: &str) -> Option<&Arc<Token>> {
-        self.tokens.get(uid)
+        self.tokens.by_uid.get(uid)
     }
 
     /// Every listed token, in no particular order.
     pub fn tokens(&self) -> impl Iterator<Item = &Arc<Token>> {
-        self.tokens.values()
+        self.tokens.by_uid.values()
     }
 
     /// Remembered revoked digests.
     pub fn revoked(&self) -> &DigestMap<Revoked> {
-        &self.revoked
+        &self.tokens.revoked
     }
 
     /// Uids revoked through the admin API.
@@ -299,37 +327,36 @@ impl Registry {
 
     /// Looks up a presented token value by its digest.
     pub fn lookup(&self, digest: &Digest) -> Lookup<'_> {
-        if let Some((token, kind)) = self.live.get(digest) {
+        if let Some((token, kind)) = self.tokens.live.get(digest) {
             if self.admin_revoked.contains(&token.uid) {
                 return Lookup::Revoked(*kind);
             }
             return Lookup::Live(token, *kind);
         }
-        match self.revoked.get(digest) {
+        match self.tokens.revoked.get(digest) {
             Some(revoked) => Lookup::Revoked(revoked.kind),
             None => Lookup::Unknown,
         }
     }
 
     /// The registry with `uid`'s admin revocation set (`revoked = true`) or lifted.
-    /// `None` when that is already the state.
+    /// `None` when that is already the state. Shares the token maps: the cost
+    /// does not grow with the number of tokens.
     pub fn with_admin_revocation(&self, uid: &str, revoked: bool) -> Option<Registry> {
         if self.admin_revoked.contains(uid) == revoked {
             return None;
         }
-        let mut admin_revoked = self.admin_revoked.clone();
+        let mut admin_revoked = BTreeSet::clone(&self.admin_revoked);
         if revoked {
             admin_revoked.insert(Arc::from(uid));
         } else {
             admin_revoked.remove(uid);
         }
-        let tokens = self.tokens.values().map(|t| Token::clone(t)).collect();
-        Some(Registry::from_parts(
-            self.version + 1,
-            tokens,
-            self.revoked.clone(),
-            admin_revoked,
-        ))
+        Some(Registry {
+            version: self.version.saturating_add(1),
+            tokens: Arc::clone(&self.tokens),
+            admin_revoked: Arc::new(admin_revoked),
+        })
     }
 }
 
@@ -418,6 +445,37 @@ pub(crate) mod tests {
         assert!(Arc::ptr_eq(&scope("a"), &scope("b")));
         assert!(!Arc::ptr_eq(&scope("a"), &scope("c")));
         assert_eq!(scope("c").branches, Some(vec!["dev".to_owned()]));
+    }
+
+    #[test]
+    fn an_admin_revocation_shares_the_token_maps() {
+        let tokens = (0..1000)
+            .map(|i| token(&format!("t{i}"), &format!("v{i}"), None))
+            .collect();
+        let registry = Registry::from_parts(7, tokens, DigestMap::default(), BTreeSet::new());
+        let revoked = registry.with_admin_revocation("t1", true).unwrap();
+        assert!(revoked.same_tokens(&registry), "the maps were rebuilt");
+        assert_eq!(revoked.version(), 8);
+        assert!(matches!(
+            revoked.lookup(&Digest::of(b"v1")),
+            Lookup::Revoked(TokenKind::Delivery)
+        ));
+        assert!(matches!(
+            registry.lookup(&Digest::of(b"v1")),
+            Lookup::Live(..)
+        ));
+
+        // A sync's result, built before the revocation, carries it over.
+        let built = Registry::from_parts(
+            8,
+            vec![token("t1", "v1", None)],
+            DigestMap::default(),
+            BTreeSet::new(),
+        );
+        let swapped = built.rebased(9, &revoked);
+        assert!(swapped.same_tokens(&built));
+        assert!(swapped.is_admin_revoked("t1"));
+        assert_eq!(swapped.version(), 9);
     }
 
     #[test]

@@ -52,17 +52,31 @@ pub struct Polled {
     pub error: Option<SyncError>,
 }
 
-/// Runs `sync` now, then again every `interval` (with jitter), or after a
-/// backoff while it fails, until `shutdown`.
-pub async fn poll_loop<F, Fut>(interval: Duration, shutdown: CancellationToken, mut sync: F)
-where
+/// How a source is waited on after a failed sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Back off (the CMA: doubling, up to [`MAX_SYNC_BACKOFF`], `Retry-After`).
+    BackOff,
+    /// Try again at the usual interval (a local file: reading it costs
+    /// nobody anything, and a fixed file should be picked up at once).
+    Retry,
+}
+
+/// Runs `sync` now, then again every `interval` (with jitter), or, for a
+/// source that backs off, after a backoff while it fails, until `shutdown`.
+pub async fn poll_loop<F, Fut>(
+    interval: Duration,
+    on_failure: OnFailure,
+    shutdown: CancellationToken,
+    mut sync: F,
+) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Polled>,
 {
     loop {
         let polled = sync().await;
         let unit = rand::random::<f64>();
-        let wait = if polled.failures == 0 {
+        let wait = if polled.failures == 0 || on_failure == OnFailure::Retry {
             jittered(interval, unit)
         } else {
             backoff(interval, polled.failures, polled.error.as_ref(), unit)
@@ -103,10 +117,20 @@ mod tests {
 
     /// Counts sync steps over ten minutes of paused time.
     async fn steps_in_ten_minutes(failing: bool, error: Option<SyncError>) -> u32 {
+        steps(Duration::from_secs(10), OnFailure::BackOff, failing, error).await
+    }
+
+    /// Counts sync steps over ten minutes of paused time.
+    async fn steps(
+        interval: Duration,
+        on_failure: OnFailure,
+        failing: bool,
+        error: Option<SyncError>,
+    ) -> u32 {
         let calls = Arc::new(AtomicU32::new(0));
         let shutdown = CancellationToken::new();
         let counter = Arc::clone(&calls);
-        let run = poll_loop(Duration::from_secs(10), shutdown.clone(), move || {
+        let run = poll_loop(interval, on_failure, shutdown.clone(), move || {
             let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
             let error = error.clone();
             async move {
@@ -127,6 +151,20 @@ mod tests {
         let outage = steps_in_ten_minutes(true, Some(SyncError::Status(500))).await;
         // 10, 20, 40, 80, 160 s, then every 300 s: about 7 in 600 s (jitter ±20%).
         assert!((5..=9).contains(&outage), "{outage} polls during an outage");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_tokens_file_is_read_again_every_interval() {
+        let broken = SyncError::File {
+            path: "tokens.json".into(),
+            reason: "invalid JSON".into(),
+        };
+        let polls = steps(Duration::from_secs(1), OnFailure::Retry, true, Some(broken)).await;
+        // Every second (±20%) for 600 s, not doubling up to 5 minutes.
+        assert!(
+            (500..=760).contains(&polls),
+            "{polls} reads of a broken file"
+        );
     }
 
     #[tokio::test(start_paused = true)]

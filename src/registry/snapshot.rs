@@ -132,12 +132,31 @@ pub fn write(
         let mut out = options.open(&tmp)?;
         out.write_all(&body)?;
         out.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory entry is.
+        sync_dir(path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(io)
+}
+
+/// Syncs the directory holding `path`, so that a rename into it survives a crash.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
 }
 
 /// Reads a snapshot written by [`write`] for `stack`. `Ok(None)` if there is none.
@@ -152,22 +171,45 @@ pub fn read(path: &Path, stack: &str) -> Result<Option<Loaded>, SnapshotError> {
             })
         }
     };
-    let format = |reason: String| SnapshotError::Format {
-        path: path.to_owned(),
-        reason,
-    };
-    let file: File =
-        serde_json::from_slice(&body).map_err(|err| format(format!("line {}", err.line())))?;
+    parse(&body, stack, SystemTime::now())
+        .map(Some)
+        .map_err(|reason| SnapshotError::Format {
+            path: path.to_owned(),
+            reason,
+        })
+}
+
+/// The largest registry version a snapshot may hold: far beyond any real
+/// count of changes, and exact in every JSON reader.
+pub const MAX_VERSION: u64 = 1 << 53;
+/// How far in the future a snapshot's times may be (clock skew between the
+/// host that wrote it and this one).
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses a snapshot's bytes for `stack`, as read at `now`. A field out of
+/// range (a version past [`MAX_VERSION`], a time past `now` plus
+/// [`MAX_CLOCK_SKEW`]) rejects the whole file: the CMA decides then.
+pub fn parse(body: &[u8], stack: &str, now: SystemTime) -> Result<Loaded, String> {
+    let file: File = serde_json::from_slice(body)
+        .map_err(|err| format!("line {} column {}", err.line(), err.column()))?;
     if file.format != FORMAT {
-        return Err(format(format!(
-            "format {} (expected {FORMAT})",
-            file.format
-        )));
+        return Err(format!("format {} (expected {FORMAT})", file.format));
     }
     if file.stack != stack {
-        return Err(format(format!("written for stack {:?}", file.stack)));
+        return Err(format!("written for stack {:?}", file.stack));
     }
-    let digest = |hex: &str| Digest::from_hex(hex).ok_or_else(|| format("bad digest".to_owned()));
+    if file.version > MAX_VERSION {
+        return Err(format!(
+            "version {} out of range (at most {MAX_VERSION})",
+            file.version
+        ));
+    }
+    let latest = unix_secs(now).saturating_add(MAX_CLOCK_SKEW.as_secs());
+    let synced_at = UNIX_EPOCH
+        .checked_add(Duration::from_secs(file.synced_at))
+        .filter(|_| file.synced_at <= latest)
+        .ok_or_else(|| format!("synced_at {} is in the future", file.synced_at))?;
+    let digest = |hex: &str| Digest::from_hex(hex).ok_or_else(|| "bad digest".to_owned());
     let tokens = file
         .tokens
         .into_iter()
@@ -180,9 +222,12 @@ pub fn read(path: &Path, stack: &str) -> Result<Option<Loaded>, SnapshotError> {
                 preview: t.preview_sha256.as_deref().map(digest).transpose()?,
             })
         })
-        .collect::<Result<Vec<_>, SnapshotError>>()?;
+        .collect::<Result<Vec<_>, String>>()?;
     let mut revoked = DigestMap::default();
     for r in file.revoked {
+        if r.at > latest {
+            return Err(format!("revoked at {} is in the future", r.at));
+        }
         revoked.insert(
             digest(&r.sha256)?,
             Revoked {
@@ -193,10 +238,10 @@ pub fn read(path: &Path, stack: &str) -> Result<Option<Loaded>, SnapshotError> {
         );
     }
     let admin_revoked: BTreeSet<Arc<str>> = file.admin_revoked.into_iter().map(Arc::from).collect();
-    Ok(Some(Loaded {
+    Ok(Loaded {
         registry: Registry::from_parts(file.version, tokens, revoked, admin_revoked),
-        synced_at: UNIX_EPOCH + Duration::from_secs(file.synced_at),
-    }))
+        synced_at,
+    })
 }
 
 /// Seconds since the Unix epoch (0 for times before it).
@@ -278,6 +323,34 @@ mod tests {
         assert!(read(&dir.path().join("missing.json"), "website")
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn out_of_range_fields_reject_the_whole_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        let (reg, _) = next(&Registry::default(), vec![token("a", "v", None)], 5).unwrap();
+        write(&path, "s", &reg, SystemTime::now()).unwrap();
+        let good: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let now = SystemTime::now();
+        assert!(parse(good.to_string().as_bytes(), "s", now).is_ok());
+        let bad = |field: &str, value: serde_json::Value| {
+            let mut file = good.clone();
+            file[field] = value;
+            parse(file.to_string().as_bytes(), "s", now).unwrap_err()
+        };
+        assert!(bad("synced_at", u64::MAX.into()).contains("synced_at"));
+        assert!(bad("synced_at", (i64::MAX as u64).into()).contains("synced_at"));
+        let tomorrow_and_more = unix_secs(now) + 2 * MAX_CLOCK_SKEW.as_secs();
+        assert!(bad("synced_at", tomorrow_and_more.into()).contains("future"));
+        assert!(bad("version", u64::MAX.into()).contains("version"));
+        assert!(bad("version", (MAX_VERSION + 1).into()).contains("version"));
+        let revoked = serde_json::json!([{
+            "sha256": Digest::of(b"x").to_hex(), "uid": "x", "kind": "delivery", "at": u64::MAX
+        }]);
+        assert!(bad("revoked", revoked).contains("future"));
+        assert!(bad("version", (-1).into()).contains("line"));
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub enum SyncError {
     Pagination(&'static str),
     #[error("tokens file {path}: {reason}")]
     File { path: String, reason: String },
+    #[error("registry build failed: {0}")]
+    Internal(String),
 }
 
 impl SyncError {
@@ -114,6 +116,7 @@ impl SyncError {
             SyncError::Parse(_) => "parse",
             SyncError::Pagination(_) => "pagination",
             SyncError::File { .. } => "file",
+            SyncError::Internal(_) => "internal",
         }
     }
 }
@@ -173,7 +176,10 @@ impl CmaClient {
                 }
                 Ok(result) => result?,
             };
-            let page = parse_token_list(&body)?;
+            // Parsing hashes every value: off the runtime that serves requests.
+            let page = tokio::task::spawn_blocking(move || parse_token_list(&body))
+                .await
+                .map_err(|err| SyncError::Internal(err.to_string()))??;
             let full = page.tokens.len() >= PAGE_SIZE;
             let before = tokens.len();
             for token in page.tokens {
@@ -305,12 +311,21 @@ impl FileSource {
         let body = tokio::fs::read(&self.path)
             .await
             .map_err(|e| error(e.to_string()))?;
-        let digest = Digest::of(&body);
-        if !refresh && self.last.as_ref().is_some_and(|(_, _, d)| *d == digest) {
+        // Hashing and parsing a large file takes milliseconds per 10k
+        // tokens: off the runtime that serves requests.
+        let last = self.last.as_ref().map(|(_, _, d)| *d).filter(|_| !refresh);
+        let (digest, parsed) = tokio::task::spawn_blocking(move || {
+            let digest = Digest::of(&body);
+            let parsed = (last != Some(digest)).then(|| parse_token_list(&body));
+            (digest, parsed)
+        })
+        .await
+        .map_err(|e| error(e.to_string()))?;
+        let Some(parsed) = parsed else {
             self.last = Some((stamp.0, stamp.1, digest));
             return Ok(Fetched::Unchanged);
-        }
-        let page = parse_token_list(&body)?;
+        };
+        let page = parsed?;
         self.last = Some((stamp.0, stamp.1, digest));
         Ok(Fetched::Tokens(page.tokens))
     }

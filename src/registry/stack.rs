@@ -83,10 +83,14 @@ pub struct StackRegistry {
     settings: RegistrySettings,
     current: ArcSwapOption<View>,
     status: Mutex<Status>,
+    /// Held across a fetch: serializes syncs. Nothing a revocation needs.
     source: tokio::sync::Mutex<SourceState>,
+    /// Held only to swap a new registry in (and queue its snapshot), never
+    /// across I/O or a registry build.
+    swap: Mutex<()>,
     snapshot_jobs: tokio::sync::watch::Sender<Option<SnapshotJob>>,
-    /// The registry version the snapshot file holds.
-    snapshot_written: tokio::sync::watch::Sender<u64>,
+    /// What the snapshot file holds, and the last version that failed.
+    persisted: tokio::sync::watch::Sender<Persisted>,
 }
 
 impl std::fmt::Debug for StackRegistry {
@@ -117,8 +121,9 @@ impl StackRegistry {
                 source,
                 pending_removal: None,
             }),
+            swap: Mutex::new(()),
             snapshot_jobs: tokio::sync::watch::Sender::new(None),
-            snapshot_written: tokio::sync::watch::Sender::new(0),
+            persisted: tokio::sync::watch::Sender::new(Persisted::default()),
         }
     }
 
@@ -186,8 +191,8 @@ impl StackRegistry {
             return Ok(None);
         };
         let count = loaded.registry.len();
-        self.snapshot_written
-            .send_replace(loaded.registry.version());
+        let version = loaded.registry.version();
+        self.persisted.send_modify(|p| p.written = version);
         self.install(Arc::new(loaded.registry), Instant::now(), loaded.synced_at);
         let mut status = self.lock_status();
         status.last_success = Some(loaded.synced_at);
@@ -197,41 +202,65 @@ impl StackRegistry {
 
     /// Fetches the source and applies what changed. `force` applies removals
     /// that the mass-removal guard would hold back.
+    ///
+    /// The fetch holds only the source lock, which nothing on the way of a
+    /// revocation takes; the next registry is built off the runtime; only the
+    /// swap itself holds the short swap lock, over the registry current at
+    /// that moment (so an admin revocation made during the fetch is carried
+    /// over, never undone).
     pub async fn sync(&self, force: bool) -> (SyncReport, Option<Change>) {
         let mut state = self.source.lock().await;
         let refresh = force || state.pending_removal.is_some();
         let fetched = state.source.fetch(refresh).await;
-        let now = Instant::now();
-        let wall = SystemTime::now();
         let tokens = match fetched {
-            Err(err) => {
-                let mut status = self.lock_status();
-                status.consecutive_failures = status.consecutive_failures.saturating_add(1);
-                status.last_error = Some(err.clone());
-                status.last_error_at = Some(wall);
-                let version = self.view().map_or(0, |v| v.registry.version());
-                let report = SyncReport {
-                    version,
-                    held_back: status.held_back.clone(),
-                    error: Some(err.to_string()),
-                    ..SyncReport::default()
-                };
-                return (report, None);
-            }
+            Err(err) => return (self.failed(err), None),
             Ok(Fetched::Unchanged) => None,
             Ok(Fetched::Tokens(tokens)) => Some(tokens),
         };
+        let wall = SystemTime::now();
 
+        // Under the source lock no other sync changes the token maps; the
+        // admin API changes only the admin revocations and the version.
         let previous = self.view().map(|v| Arc::clone(&v.registry));
-        let base = previous.clone().unwrap_or_default();
-        let (tokens, held_back) = match tokens {
-            Some(tokens) => self.guard_removals(&mut state, &base, tokens, force),
+        let (next, held_back) = match tokens {
+            Some(tokens) => {
+                let base = previous.clone().unwrap_or_default();
+                let guard = RemovalGuard {
+                    stack: Arc::clone(&self.name),
+                    max_removal_ratio: self.settings.max_removal_ratio,
+                    pending: state.pending_removal.take(),
+                    force,
+                };
+                let built = tokio::task::spawn_blocking(move || {
+                    let (tokens, held_back, pending) = guard.apply(&base, tokens);
+                    (next(&base, tokens, unix_secs(wall)), held_back, pending)
+                })
+                .await;
+                match built {
+                    Ok((next, held_back, pending)) => {
+                        state.pending_removal = pending;
+                        (next, held_back)
+                    }
+                    Err(err) => {
+                        let err = SyncError::Internal(err.to_string());
+                        return (self.failed(err), None);
+                    }
+                }
+            }
             None => (None, Vec::new()),
         };
-        let next = tokens.and_then(|tokens| next(&base, tokens, unix_secs(wall)));
+        let now = Instant::now();
+        let swap = self.lock_swap();
+        let current = self.view().map(|v| Arc::clone(&v.registry));
         let (registry, change) = match next {
-            Some((registry, diff)) => {
-                let registry = Arc::new(registry);
+            Some((built, diff)) => {
+                let registry = Arc::new(match &current {
+                    Some(current) => {
+                        let version = current.version().saturating_add(1).max(built.version());
+                        built.rebased(version, current)
+                    }
+                    None => built,
+                });
                 let change = Change {
                     diff,
                     registry: Arc::clone(&registry),
@@ -239,7 +268,7 @@ impl StackRegistry {
                 };
                 (registry, Some(change))
             }
-            None => (base, None),
+            None => (current.clone().unwrap_or_default(), None),
         };
         self.install(Arc::clone(&registry), now, wall);
         {
@@ -251,12 +280,18 @@ impl StackRegistry {
             let refresh_due = status
                 .snapshot_written
                 .is_none_or(|t| wall.duration_since(t).unwrap_or_default() >= SNAPSHOT_REFRESH);
-            if change.is_some() || previous.is_none() || refresh_due {
-                // Queued under the source lock, so snapshots follow versions.
+            if change.is_some() || current.is_none() || refresh_due {
+                // Queued under the swap lock, so snapshots follow versions.
                 self.queue_snapshot(&registry, wall);
             }
         }
+        drop(swap);
         drop(state);
+        drop(previous);
+        if change.is_some() {
+            // A request still reading it may yet be the last to let go.
+            drop_off_runtime(current);
+        }
         let report = SyncReport {
             diff: change.as_ref().map(|c| c.diff.clone()).unwrap_or_default(),
             held_back,
@@ -266,67 +301,46 @@ impl StackRegistry {
         (report, change)
     }
 
-    /// Keeps the tokens a too-large removal would drop, unless the previous
-    /// sync already held the same removal back (confirmation) or `force`.
-    fn guard_removals(
-        &self,
-        state: &mut SourceState,
-        base: &Registry,
-        mut tokens: Vec<Token>,
-        force: bool,
-    ) -> (Option<Vec<Token>>, Vec<String>) {
-        let listed: std::collections::HashSet<&str> = tokens.iter().map(|t| &*t.uid).collect();
-        let removed: BTreeSet<String> = base
-            .tokens()
-            .filter(|t| !listed.contains(&*t.uid))
-            .map(|t| t.uid.to_string())
-            .collect();
-        let too_many = !base.is_empty()
-            && removed.len() as f64 > self.settings.max_removal_ratio * base.len() as f64;
-        if !too_many || force {
-            state.pending_removal = None;
-            return (Some(tokens), Vec::new());
+    /// Records a failed sync (which changes nothing) and reports it.
+    fn failed(&self, err: SyncError) -> SyncReport {
+        let mut status = self.lock_status();
+        status.consecutive_failures = status.consecutive_failures.saturating_add(1);
+        status.last_error = Some(err.clone());
+        status.last_error_at = Some(SystemTime::now());
+        let version = self.view().map_or(0, |v| v.registry.version());
+        SyncReport {
+            version,
+            held_back: status.held_back.clone(),
+            error: Some(err.to_string()),
+            ..SyncReport::default()
         }
-        let confirmed = state
-            .pending_removal
-            .as_ref()
-            .is_some_and(|pending| pending.is_subset(&removed));
-        if confirmed {
-            state.pending_removal = None;
-            return (Some(tokens), Vec::new());
-        }
-        tracing::warn!(
-            stack = %self.name,
-            removing = removed.len(),
-            of = base.len(),
-            max_removal_ratio = self.settings.max_removal_ratio,
-            "holding back a mass removal until the next sync confirms it"
-        );
-        tokens.extend(
-            base.tokens()
-                .filter(|t| removed.contains(&*t.uid))
-                .map(|t| Token::clone(t)),
-        );
-        let held: Vec<String> = removed.iter().cloned().collect();
-        state.pending_removal = Some(removed);
-        (Some(tokens), held)
+    }
+
+    fn lock_swap(&self) -> MutexGuard<'_, ()> {
+        self.swap
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Sets or lifts an admin revocation of `uid`. `Ok(None)` if it was
     /// already so; `Err` if the stack does not list the uid (and, to lift,
     /// has not revoked it).
-    pub async fn set_admin_revocation(
+    ///
+    /// Never waits on I/O: it takes only the swap lock, which a sync holds
+    /// for a pointer swap, not for its fetch. Costs O(admin-revoked uids),
+    /// not O(tokens): the new version shares the token maps.
+    pub fn set_admin_revocation(
         &self,
         uid: &str,
         revoked: bool,
-    ) -> Result<Option<Change>, ()> {
-        let state = self.source.lock().await;
+    ) -> Result<Option<Change>, UnknownUid> {
+        let swap = self.lock_swap();
         let Some(view) = self.view() else {
-            return Err(());
+            return Err(UnknownUid);
         };
         let known = view.registry.get(uid).is_some() || view.registry.is_admin_revoked(uid);
         if !known {
-            return Err(());
+            return Err(UnknownUid);
         }
         let Some(next) = view.registry.with_admin_revocation(uid, revoked) else {
             return Ok(None);
@@ -342,7 +356,7 @@ impl StackRegistry {
             .last_success
             .unwrap_or_else(SystemTime::now);
         self.queue_snapshot(&registry, synced_at);
-        drop(state);
+        drop(swap);
         let mut diff = Diff::default();
         if revoked {
             diff.removed.push(uid.to_owned());
@@ -359,28 +373,43 @@ impl StackRegistry {
     /// Hands the registry to the snapshot writer (latest wins).
     fn queue_snapshot(&self, registry: &Arc<Registry>, synced_at: SystemTime) {
         if self.settings.snapshot.is_some() {
-            self.snapshot_jobs.send_replace(Some(SnapshotJob {
+            let replaced = self.snapshot_jobs.send_replace(Some(SnapshotJob {
                 registry: Arc::clone(registry),
                 synced_at,
             }));
+            // It may hold the last reference to an older registry's maps.
+            drop_off_runtime(replaced);
         }
     }
 
-    /// Waits until the snapshot holds `version` or later; false after `timeout`
-    /// (or when the stack has no snapshot file).
+    /// Waits until the snapshot file holds `version` or later (written,
+    /// fsynced, renamed, its directory fsynced): true then. False at once
+    /// when the stack has no snapshot file or a write of `version` or later
+    /// failed, and after `timeout`.
     pub async fn wait_snapshot(&self, version: u64, timeout: Duration) -> bool {
         if self.settings.snapshot.is_none() {
             return false;
         }
-        let mut written = self.snapshot_written.subscribe();
-        tokio::time::timeout(timeout, written.wait_for(|v| *v >= version))
+        let mut persisted = self.persisted.subscribe();
+        let settled = async {
+            persisted
+                .wait_for(|p| p.written >= version || p.failed >= version)
+                .await
+                .is_ok_and(|p| p.written >= version)
+        };
+        tokio::time::timeout(timeout, settled)
             .await
-            .is_ok_and(|r| r.is_ok())
+            .unwrap_or(false)
     }
 
     /// Writes queued snapshots one at a time, in the order they were queued,
     /// until shutdown; then writes the last one still pending.
-    pub async fn snapshot_writer(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+    /// Every failed write counts in `failures`.
+    pub async fn snapshot_writer(
+        self: Arc<Self>,
+        shutdown: tokio_util::sync::CancellationToken,
+        failures: prometheus::IntCounter,
+    ) {
         let Some(path) = self.settings.snapshot.clone() else {
             return;
         };
@@ -394,7 +423,9 @@ impl StackRegistry {
             let pending = stopping && !jobs.has_changed().unwrap_or(false);
             let job = jobs.borrow_and_update().clone();
             if let (Some(job), false) = (job, pending) {
-                self.write_snapshot(&path, job).await;
+                if !self.write_snapshot(&path, job).await {
+                    failures.inc();
+                }
             }
             if stopping {
                 return;
@@ -402,7 +433,8 @@ impl StackRegistry {
         }
     }
 
-    async fn write_snapshot(&self, path: &std::path::Path, job: SnapshotJob) {
+    /// Writes one snapshot off the runtime; true once it is on disk.
+    async fn write_snapshot(&self, path: &std::path::Path, job: SnapshotJob) -> bool {
         let SnapshotJob {
             registry,
             synced_at,
@@ -412,24 +444,107 @@ impl StackRegistry {
         let result = tokio::task::spawn_blocking(move || {
             snapshot::write(&path, &name, &registry, synced_at)
         })
-        .await;
+        .await
+        .map_err(|err| err.to_string())
+        .and_then(|written| written.map_err(|err| err.to_string()));
         let mut status = self.lock_status();
         match result {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 status.snapshot_written = Some(synced_at);
                 status.snapshot_error = None;
                 drop(status);
-                self.snapshot_written.send_replace(version);
-            }
-            Ok(Err(err)) => {
-                tracing::error!(stack = %self.name, error = %err, "snapshot not written");
-                status.snapshot_error = Some(err.to_string());
+                self.persisted
+                    .send_modify(|p| p.written = p.written.max(version));
+                true
             }
             Err(err) => {
-                tracing::error!(stack = %self.name, error = %err, "snapshot task failed");
-                status.snapshot_error = Some(err.to_string());
+                tracing::warn!(stack = %self.name, version, error = %err, "snapshot not written: the registry is not persisted");
+                status.snapshot_error = Some(err);
+                drop(status);
+                self.persisted
+                    .send_modify(|p| p.failed = p.failed.max(version));
+                false
             }
         }
+    }
+}
+
+/// The stack neither lists the uid nor has it revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the stack does not list this uid")]
+pub struct UnknownUid;
+
+/// How far the snapshot file has got.
+#[derive(Debug, Default, Clone, Copy)]
+struct Persisted {
+    /// The registry version the file holds.
+    written: u64,
+    /// The latest version whose write failed.
+    failed: u64,
+}
+
+/// Drops `value` on a blocking thread when there is a runtime: freeing a
+/// large registry's maps takes milliseconds, which requests would wait for
+/// on a single-threaded runtime.
+fn drop_off_runtime<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(value))),
+        Err(_) => drop(value),
+    }
+}
+
+/// The mass-removal guard's inputs, moved to the thread that builds the
+/// next registry.
+struct RemovalGuard {
+    stack: Arc<str>,
+    max_removal_ratio: f64,
+    /// The removal the previous sync held back, if any.
+    pending: Option<BTreeSet<String>>,
+    force: bool,
+}
+
+impl RemovalGuard {
+    /// Keeps the tokens a too-large removal would drop, unless the previous
+    /// sync already held the same removal back (confirmation) or `force`.
+    /// Returns the tokens to apply, the uids held back, and the removal
+    /// pending for the next sync.
+    fn apply(
+        self,
+        base: &Registry,
+        mut tokens: Vec<Token>,
+    ) -> (Vec<Token>, Vec<String>, Option<BTreeSet<String>>) {
+        let listed: std::collections::HashSet<&str> = tokens.iter().map(|t| &*t.uid).collect();
+        let removed: BTreeSet<String> = base
+            .tokens()
+            .filter(|t| !listed.contains(&*t.uid))
+            .map(|t| t.uid.to_string())
+            .collect();
+        let too_many =
+            !base.is_empty() && removed.len() as f64 > self.max_removal_ratio * base.len() as f64;
+        if !too_many || self.force {
+            return (tokens, Vec::new(), None);
+        }
+        let confirmed = self
+            .pending
+            .as_ref()
+            .is_some_and(|pending| pending.is_subset(&removed));
+        if confirmed {
+            return (tokens, Vec::new(), None);
+        }
+        tracing::warn!(
+            stack = %self.stack,
+            removing = removed.len(),
+            of = base.len(),
+            max_removal_ratio = self.max_removal_ratio,
+            "holding back a mass removal until the next sync confirms it"
+        );
+        tokens.extend(
+            base.tokens()
+                .filter(|t| removed.contains(&*t.uid))
+                .map(|t| Token::clone(t)),
+        );
+        let held: Vec<String> = removed.iter().cloned().collect();
+        (tokens, held, Some(removed))
     }
 }
 

@@ -1,7 +1,9 @@
 //! The client socket as the connection task sees it: reads are noted in the
 //! connection's [`Activity`] (a head trickling in is timed), every HTTP/1.1
-//! head is scanned for conflicting framing that hyper would resolve silently, and
-//! a revoked connection closes with a reset.
+//! head is scanned for conflicting framing that hyper would resolve silently,
+//! a write that makes no progress for `send_timeout` fails (so a client that
+//! stops reading cannot hold its connection, nor the upstream connection
+//! behind it), and a revoked connection closes with a reset.
 
 use std::io;
 use std::pin::Pin;
@@ -9,8 +11,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::future::Future;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::framing::Framing;
 use crate::conn::Activity;
@@ -22,16 +27,66 @@ pub struct WatchedIo<T: Abort> {
     inner: T,
     activity: Arc<Activity>,
     framing: Framing,
+    send: SendTimer,
 }
 
 impl<T: Abort> WatchedIo<T> {
-    /// Watches `inner` for the connection whose activity this is.
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+    /// Watches `inner` for the connection whose activity this is; a write
+    /// blocked for `send_timeout` without progress fails.
+    pub fn new(inner: T, activity: Arc<Activity>, send_timeout: Duration) -> Self {
         WatchedIo {
             inner,
             activity,
             framing: Framing::default(),
+            send: SendTimer {
+                limit: send_timeout,
+                timer: None,
+                armed: false,
+            },
         }
+    }
+}
+
+/// Times a write that the socket does not take: armed when a write first
+/// returns `Pending`, disarmed by any progress. A client reading normally
+/// never arms it for long; the timer is allocated once, on the first block.
+struct SendTimer {
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl SendTimer {
+    /// After a write or flush: `Pending` arms (or polls) the timer; once it
+    /// expires the write fails with `TimedOut`. Anything else is progress.
+    fn check<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if polled.is_ready() {
+            self.armed = false;
+            return polled;
+        }
+        let limit = self.limit;
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if !self.armed {
+                    timer.as_mut().reset(Instant::now() + limit);
+                }
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        self.armed = true;
+        if timer.as_mut().poll(cx).is_ready() {
+            self.armed = false;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "send_timeout: the client took nothing for too long",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -87,11 +142,15 @@ impl<T: AsyncWrite + Abort + Unpin> AsyncWrite for WatchedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.send.check(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.send.check(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -103,7 +162,9 @@ impl<T: AsyncWrite + Abort + Unpin> AsyncWrite for WatchedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.send.check(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -93,6 +93,7 @@ pub async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        set_keepalive(&stream);
         let shared = Arc::clone(&shared);
         let http = Arc::clone(&http);
         let shutdown = shutdown.clone();
@@ -120,6 +121,26 @@ pub async fn accept_loop(
     }
 }
 
+/// TCP keepalive on accepted sockets: a client that vanished (power loss,
+/// a NAT that dropped the mapping) is found within about two minutes
+/// rather than the kernel's two hours.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Interval between keepalive probes once idle.
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes before the connection is dropped.
+pub const TCP_KEEPALIVE_RETRIES: u32 = 6;
+
+fn set_keepalive(stream: &tokio::net::TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL);
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    let keepalive = keepalive.with_retries(TCP_KEEPALIVE_RETRIES);
+    if let Err(err) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %err, "TCP keepalive not set");
+    }
+}
+
 /// Serves one client connection until it ends, is revoked, idles out, or
 /// shutdown drains it.
 pub async fn serve_connection<I>(
@@ -135,7 +156,8 @@ pub async fn serve_connection<I>(
     let peer = info.peer;
     let activity = Arc::clone(&info.activity);
     let revoked = info.sessions.cancel.clone();
-    let io = TokioIo::new(WatchedIo::new(io, Arc::clone(&activity)));
+    let send_timeout = shared.config.server.send_timeout;
+    let io = TokioIo::new(WatchedIo::new(io, Arc::clone(&activity), send_timeout));
     let service = {
         let shared = Arc::clone(&shared);
         let info = Arc::clone(&info);
@@ -153,7 +175,7 @@ pub async fn serve_connection<I>(
     // known deadline and `now + min(header_timeout, idle_timeout)` is never
     // late. Requests only store timestamps; the timer is re-armed when it
     // fires, at most once per that minimum.
-    let check_every = header_timeout.min(idle_timeout);
+    let check_every = header_timeout.min(idle_timeout).min(send_timeout);
     let next_check = |now: Instant| match activity.deadline(header_timeout, idle_timeout) {
         Some(deadline) => deadline.min(now + check_every),
         None => now + check_every,
@@ -185,6 +207,13 @@ pub async fn serve_connection<I>(
                 let now = Instant::now();
                 if activity.deadline(header_timeout, idle_timeout).is_some_and(|d| d <= now) {
                     tracing::debug!(%peer, "connection closed: header or idle timeout");
+                    break;
+                }
+                // An HTTP/2 stream whose client takes nothing: hyper does not
+                // ask a body for more without window, so the stream alone
+                // cannot be reset from here; the connection goes.
+                if activity.send_stalled(send_timeout) {
+                    tracing::debug!(%peer, "connection closed: an HTTP/2 stream took nothing for send_timeout");
                     break;
                 }
                 watchdog.as_mut().reset(next_check(now));

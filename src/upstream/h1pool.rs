@@ -13,6 +13,13 @@
 //!
 //! HTTP/2 client connections multiplex, so they keep the shared pooled
 //! client, which may speak h2 upstream.
+//!
+//! Requests in flight per upstream are capped (`upstream.max_connections`):
+//! each holds a permit until its response body is done, so connections in
+//! use never exceed the cap. Past it a request waits up to `connect_timeout`
+//! for a permit, then fails with [`SendError::Busy`] (503 `upstream_busy`).
+//! Requests of the shared pooled client take their permit with
+//! [`H1Pool::permit`], so the cap covers both paths.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -30,6 +37,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -50,6 +58,8 @@ pub enum SendError {
     Handshake(#[source] hyper::Error),
     #[error("{0}")]
     Request(#[source] hyper::Error),
+    #[error("upstream.max_connections in use for longer than connect_timeout")]
+    Busy,
 }
 
 impl SendError {
@@ -57,7 +67,7 @@ impl SendError {
     pub fn is_connect_timeout(&self) -> bool {
         match self {
             SendError::Connect(err) => super::timed_out(err.as_ref()),
-            SendError::Handshake(_) | SendError::Request(_) => false,
+            SendError::Handshake(_) | SendError::Request(_) | SendError::Busy => false,
         }
     }
 }
@@ -74,6 +84,17 @@ struct Inner {
     /// connections, the most recently idled last.
     idle: Mutex<Vec<IdleList>>,
     reaper_started: std::sync::atomic::AtomicBool,
+    /// Requests in flight allowed per upstream, and how long to wait for one.
+    max_in_flight: usize,
+    wait: Duration,
+    /// Per upstream, its permits (created with its first request).
+    in_flight: Mutex<Vec<(Scheme, Authority, Arc<Semaphore>)>>,
+}
+
+/// A request's place among its upstream's `max_connections`; dropped when
+/// the response body is done.
+pub struct UpstreamPermit {
+    _permit: OwnedSemaphorePermit,
 }
 
 struct IdleList {
@@ -114,17 +135,45 @@ impl Idle {
 pub struct Lease {
     conn: Conn,
     pool: Arc<Inner>,
+    _permit: UpstreamPermit,
 }
 
 impl H1Pool {
-    /// A pool that opens connections with `connector` (HTTP/1.1 only).
+    /// A pool that opens connections with `connector` (HTTP/1.1 only), with
+    /// no practical cap on requests in flight.
     pub fn new(connector: HttpsConnector<HttpConnector>) -> H1Pool {
+        H1Pool::with_limit(connector, Semaphore::MAX_PERMITS, Duration::ZERO)
+    }
+
+    /// A pool allowing `max_in_flight` requests per upstream; past it a
+    /// request waits up to `wait` (the `connect_timeout`) for a permit.
+    pub fn with_limit(
+        connector: HttpsConnector<HttpConnector>,
+        max_in_flight: usize,
+        wait: Duration,
+    ) -> H1Pool {
         H1Pool {
             inner: Arc::new(Inner {
                 connector,
                 idle: Mutex::new(Vec::new()),
                 reaper_started: std::sync::atomic::AtomicBool::new(false),
+                max_in_flight: max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
+                wait,
+                in_flight: Mutex::new(Vec::new()),
             }),
+        }
+    }
+
+    /// A place among `upstream`'s requests in flight, waiting up to the
+    /// pool's `wait` for one: `Busy` past it.
+    pub async fn permit(&self, upstream: &Upstream) -> Result<UpstreamPermit, SendError> {
+        let semaphore = self.inner.semaphore(upstream);
+        if let Ok(permit) = Arc::clone(&semaphore).try_acquire_owned() {
+            return Ok(UpstreamPermit { _permit: permit });
+        }
+        match tokio::time::timeout(self.inner.wait, semaphore.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(UpstreamPermit { _permit: permit }),
+            Ok(Err(_)) | Err(_) => Err(SendError::Busy),
         }
     }
 
@@ -143,6 +192,7 @@ impl H1Pool {
         upstream: &Upstream,
         mut request: Request<Full<Bytes>>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let permit = self.permit(upstream).await?;
         let mut reused = true;
         let mut conn = match self.inner.checkout(upstream) {
             Some(conn) => conn,
@@ -160,7 +210,12 @@ impl H1Pool {
                 Ok(()) => match conn.sender.try_send_request(request).await {
                     Ok(response) => {
                         let pool = Arc::clone(&self.inner);
-                        return Ok((response, Lease { conn, pool }));
+                        let lease = Lease {
+                            conn,
+                            pool,
+                            _permit: permit,
+                        };
+                        return Ok((response, lease));
                     }
                     Err(mut err) => (err.take_message(), err.into_error()),
                 },
@@ -185,16 +240,28 @@ impl H1Pool {
 pub struct Leased {
     inner: Incoming,
     lease: Option<Lease>,
+    permit: Option<UpstreamPermit>,
 }
 
 impl Leased {
     /// `lease`: `None` for a body that did not come from this pool.
     pub fn new(inner: Incoming, lease: Option<Lease>) -> Self {
-        Leased { inner, lease }
+        Leased {
+            inner,
+            lease,
+            permit: None,
+        }
+    }
+
+    /// Holds `permit` (a request of the shared pooled client) until the body is done.
+    pub fn holding(mut self, permit: Option<UpstreamPermit>) -> Self {
+        self.permit = permit;
+        self
     }
 
     fn give_back(&mut self) {
-        if let Some(Lease { conn, pool }) = self.lease.take() {
+        self.permit = None;
+        if let Some(Lease { conn, pool, .. }) = self.lease.take() {
             pool.put(conn);
         }
     }
@@ -235,6 +302,26 @@ impl Drop for Leased {
 }
 
 impl Inner {
+    /// `upstream`'s permits.
+    fn semaphore(&self, upstream: &Upstream) -> Arc<Semaphore> {
+        let mut all = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let found = all
+            .iter()
+            .find(|(scheme, authority, _)| {
+                *scheme == upstream.scheme && *authority == upstream.authority
+            })
+            .map(|(_, _, semaphore)| Arc::clone(semaphore));
+        found.unwrap_or_else(|| {
+            let semaphore = Arc::new(Semaphore::new(self.max_in_flight));
+            all.push((
+                upstream.scheme.clone(),
+                upstream.authority.clone(),
+                Arc::clone(&semaphore),
+            ));
+            semaphore
+        })
+    }
+
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<IdleList>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -55,6 +55,9 @@ pub enum Mode {
     LoopingPages,
     /// 200 `{"tokens":[]}`.
     Empty,
+    /// As `Normal`, but the body stops halfway until [`FakeCma::release`]
+    /// (or the fake is dropped); [`FakeCma::hanging`] counts such pages.
+    HangMidPage,
 }
 
 /// One request the fake received (any path, any method).
@@ -87,11 +90,17 @@ struct State {
     calls: Vec<CmaCall>,
     /// `X-RateLimit-Remaining` on successful answers, when set.
     remaining: Option<u32>,
+    /// Pages that stopped halfway and are still held.
+    hanging: usize,
+    /// Pages ever held halfway.
+    hung: usize,
 }
 
 struct Shared {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
+    /// Bumped by [`FakeCma::release`]: held pages go on.
+    released: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -143,6 +152,30 @@ impl FakeCma {
         self.shared.read(|s| s.calls.clone())
     }
 
+    /// Pages held halfway right now ([`Mode::HangMidPage`]).
+    pub fn hanging(&self) -> usize {
+        self.shared.read(|s| s.hanging)
+    }
+
+    /// Lets every page held halfway finish.
+    pub fn release(&self) {
+        self.shared.released.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Waits until at least `n` pages were held halfway; panics after 10 s.
+    pub async fn wait_for_hung(&self, n: usize) {
+        let mut rx = self.shared.changed.subscribe();
+        let waited = tokio::time::timeout(WAIT_DEADLINE, async {
+            while self.shared.read(|s| s.hung) < n {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "fake CMA: no page held halfway");
+    }
+
     /// The number of requests received so far.
     pub fn call_count(&self) -> usize {
         self.shared.read(|s| s.calls.len())
@@ -191,8 +224,11 @@ pub async fn spawn_cma() -> FakeCma {
             mode: Mode::Normal,
             remaining: None,
             calls: Vec::new(),
+            hanging: 0,
+            hung: 0,
         }),
         changed,
+        released: watch::Sender::new(0),
     });
     let cancel = CancellationToken::new();
     tokio::spawn(accept_loop(listener, shared.clone(), cancel.clone()));
@@ -220,7 +256,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: Cancell
         let cancel = cancel.clone();
         tokio::spawn(async move {
             let svc_cancel = cancel.clone();
-            let svc = service_fn(move |req| handle(shared.clone(), svc_cancel.clone(), req));
+            let svc = service_fn(move |req| serve(shared.clone(), svc_cancel.clone(), req));
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
@@ -303,7 +339,7 @@ async fn handle(
             headers.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
             Ok(response)
         }
-        Mode::Normal | Mode::LoopingPages | Mode::Empty => {
+        Mode::Normal | Mode::LoopingPages | Mode::Empty | Mode::HangMidPage => {
             if let Some(rejection) = check_credentials(&call) {
                 return Ok(rejection);
             }
@@ -329,6 +365,9 @@ async fn handle(
                 body["count"] = json!(total);
             }
             let mut response = raw_json(StatusCode::OK, &body.to_string());
+            if mode == Mode::HangMidPage {
+                response.extensions_mut().insert(HoldHalfway);
+            }
             if let Some(remaining) = remaining {
                 let headers = response.headers_mut();
                 headers.insert("x-ratelimit-limit", HeaderValue::from_static("10"));
@@ -337,6 +376,63 @@ async fn handle(
             Ok(response)
         }
     }
+}
+
+/// Marks a page whose body [`serve`] holds halfway.
+#[derive(Clone, Copy)]
+struct HoldHalfway;
+
+type ServeBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// [`handle`], with the body of a [`Mode::HangMidPage`] page held halfway.
+async fn serve(
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    req: Request<Incoming>,
+) -> Result<Response<ServeBody>, BoxError> {
+    let response = handle(Arc::clone(&shared), cancel.clone(), req).await?;
+    if response.extensions().get::<HoldHalfway>().is_none() {
+        return Ok(response.map(|b| b.map_err(|never| match never {}).boxed()));
+    }
+    let (mut parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let (head, tail) = body.split_at(body.len() / 2);
+    let (head, tail) = (Bytes::copy_from_slice(head), Bytes::copy_from_slice(tail));
+    // The length is announced, so the client waits for the rest.
+    parts.headers.insert(
+        http::header::CONTENT_LENGTH,
+        HeaderValue::from(body.len() as u64),
+    );
+    let mut released = shared.released.subscribe();
+    released.mark_unchanged();
+    let frames = futures_util::stream::unfold(0u8, move |step| {
+        let shared = Arc::clone(&shared);
+        let cancel = cancel.clone();
+        let (head, tail) = (head.clone(), tail.clone());
+        let mut released = released.clone();
+        async move {
+            match step {
+                0 => {
+                    shared.update(|s| {
+                        s.hanging += 1;
+                        s.hung += 1;
+                    });
+                    Some((Ok::<_, BoxError>(http_body::Frame::data(head)), 1))
+                }
+                1 => {
+                    tokio::select! {
+                        _ = released.changed() => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                    shared.update(|s| s.hanging -= 1);
+                    Some((Ok(http_body::Frame::data(tail)), 2))
+                }
+                _ => None,
+            }
+        }
+    });
+    let body = http_body_util::StreamBody::new(frames).boxed();
+    Ok(Response::from_parts(parts, body))
 }
 
 /// 412 without `api_key`, 401 without `authtoken` / `authorization: Bearer ...`.
