@@ -151,28 +151,29 @@ pub fn check_host(value: &[u8]) -> Result<&str, Ambiguity> {
 /// `environment` pair must agree with it.
 pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambiguity> {
     let bytes = query.as_bytes();
+    if memchr::memchr(b';', bytes).is_some() {
+        return Err(Ambiguity::Query);
+    }
     let mut start = 0;
     while start <= bytes.len() {
-        // One pair: its key up to `=`, `[` or the pair's end, in one pass.
-        let (mut end, mut equals, mut bracket, mut encoded) = (start, None, None, false);
-        while end < bytes.len() && bytes[end] != b'&' {
-            match bytes[end] {
-                b';' => return Err(Ambiguity::Query),
-                b'=' if equals.is_none() => equals = Some(end),
-                b'[' if equals.is_none() && bracket.is_none() => bracket = Some(end),
-                b'%' | b'+' if equals.is_none() => encoded = true,
+        let end = memchr::memchr(b'&', &bytes[start..]).map_or(bytes.len(), |at| start + at);
+        // The key, up to `=`: where a `[` starts and whether it is encoded.
+        let (mut key_end, mut bracket, mut encoded) = (start, None, false);
+        while key_end < end && bytes[key_end] != b'=' {
+            match bytes[key_end] {
+                b'[' if bracket.is_none() => bracket = Some(key_end),
+                b'%' | b'+' => encoded = true,
                 _ => {}
             }
-            end += 1;
+            key_end += 1;
         }
-        let key_end = equals.unwrap_or(end);
         let base_end = bracket.unwrap_or(key_end);
         // Most keys cannot be one of the names: their length or first letter
         // differs.
         let first = bytes.get(start).map_or(0, u8::to_ascii_lowercase);
         let may_be = |p: &&str| p.len() == base_end - start && p.as_bytes()[0] == first;
         if encoded || SCOPED_PARAMS.iter().any(may_be) {
-            let value = equals.map_or("", |at| &query[at + 1..end]);
+            let value = query.get(key_end + 1..end).unwrap_or("");
             check_pair(&query[start..key_end], value, environment)?;
         }
         start = end + 1;
@@ -329,10 +330,9 @@ fn encode_into(out: &mut String, text: &str) {
 pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Ambiguity> {
     let bytes = path.as_bytes();
     // One pass: nothing encoded, no backslash or `;`, no `//` or `/.`.
-    let simple = bytes.iter().enumerate().all(|(at, &b)| match b {
-        b'%' | b'\\' | b';' => false,
-        b'/' => !matches!(bytes.get(at + 1), Some(b'/' | b'.')),
-        _ => true,
+    let simple = bytes.iter().enumerate().all(|(at, &b)| {
+        !PATH_SPECIAL[usize::from(b)]
+            || (b == b'/' && !matches!(bytes.get(at + 1), Some(b'/' | b'.')))
     });
     if simple || !path.starts_with('/') {
         return Ok(Cow::Borrowed(path));
@@ -390,6 +390,16 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Ambiguity> {
         Ok(Cow::Owned(out))
     }
 }
+
+/// Path bytes that need a second look: `%`, `\\`, `;` and `/`.
+static PATH_SPECIAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'%' as usize] = true;
+    table[b'\\' as usize] = true;
+    table[b';' as usize] = true;
+    table[b'/' as usize] = true;
+    table
+};
 
 /// `Some(1)` for `.`, `Some(2)` for `..`, with `%2e` read as a dot.
 fn dot_segment(segment: &str) -> Option<u8> {

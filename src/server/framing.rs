@@ -152,6 +152,28 @@ impl Framing {
             head.line_len += 1;
             return (1, false);
         }
+        if head.in_name {
+            // A run of name bytes in one go.
+            let mut used = 0;
+            while let Some(&b) = bytes.get(used) {
+                if matches!(b, b':' | b'\n' | b'\r') {
+                    break;
+                }
+                used += 1;
+                head.line_len += 1;
+                if head.name_len < head.name.len() {
+                    head.name[head.name_len] = b.to_ascii_lowercase();
+                    head.name_len += 1;
+                } else {
+                    // Longer than any name looked for: skip the line.
+                    head.in_name = false;
+                    break;
+                }
+            }
+            if used > 0 {
+                return (used, false);
+            }
+        }
         if !head.in_name && byte != b'\n' {
             // The request line or a value: skip to the line's end.
             let end = memchr::memchr(b'\n', bytes).unwrap_or(bytes.len());
