@@ -124,6 +124,11 @@ measure() {
         >"$OUT/$name.out" 2>"$OUT/$name.err" &
     local pid=$!
     wait_for "http://127.0.0.1:$PORT_ADMIN/readyz"
+    if ! kill -0 "$pid" 2>/dev/null; then
+        echo "$name: the gateway exited (port in use? see PORT_*):" >&2
+        tail -n 5 "$OUT/$name.err" >&2
+        exit 1
+    fi
     # Warm-up, uncounted.
     wrk -t1 -c4 -d3s -s "$OUT/request.lua" "http://127.0.0.1:$PORT_GATEWAY" >/dev/null
     callgrind_control -z "$pid" >/dev/null
@@ -141,6 +146,10 @@ measure() {
     fi
     if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && cp "$log"* "$KEEP/"; fi
     total=$(cat "$log"* | awk '/^(summary|totals):/ {s += $2} END {print s}')
+    if [ -z "$total" ] || [ "$total" = 0 ]; then
+        echo "$name: no instructions counted" >&2
+        exit 1
+    fi
     python3 -c "print(f'$name {int($total) / $requests:.0f} $requests')"
 }
 
