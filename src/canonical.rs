@@ -145,61 +145,75 @@ pub fn check_host(value: &[u8]) -> Result<&str, Ambiguity> {
     std::str::from_utf8(value).map_err(|_| Ambiguity::BadHost)
 }
 
-/// Checks a query's shape: `&`-separated pairs only, no bracketed or hyphen
-/// forms of credential and scope names, no `branch`.
-/// `environment` is the `environment` header, if the request has one: every
-/// `environment` pair must agree with it.
-pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambiguity> {
-    let bytes = query.as_bytes();
-    if memchr::memchr(b';', bytes).is_some() {
-        return Err(Ambiguity::Query);
-    }
-    let mut start = 0;
-    while start <= bytes.len() {
-        let end = memchr::memchr(b'&', &bytes[start..]).map_or(bytes.len(), |at| start + at);
-        // The key, up to `=`: where a `[` starts and whether it is encoded.
-        let (mut key_end, mut bracket, mut encoded) = (start, None, false);
-        while key_end < end && bytes[key_end] != b'=' {
-            match bytes[key_end] {
-                b'[' if bracket.is_none() => bracket = Some(key_end),
+/// What a query gives the decision: the first credential it carries (row 3)
+/// and its `environment` values (row 13), read in the one pass that also
+/// checks its shape.
+#[derive(Debug, Default)]
+pub struct QueryRead<'a> {
+    /// The first credential name found, as row 3 names it.
+    pub credential: Option<&'static str>,
+    /// Every `environment` value, decoded, in order.
+    pub environments: Vec<Cow<'a, str>>,
+}
+
+/// Reads a query: `&`-separated pairs only (a `;` is a second reading), no
+/// bracketed or hyphen forms of credential and scope names, no `branch`
+/// (the gateway checks the `branch` header). Names in another case are read
+/// as the name (rows 3 and 13 decide on them).
+pub fn read_query(query: &str) -> Result<QueryRead<'_>, Ambiguity> {
+    let mut read = QueryRead::default();
+    for pair in query.split('&') {
+        let mut encoded = false;
+        for &byte in pair.as_bytes() {
+            match byte {
+                b';' => return Err(Ambiguity::Query),
                 b'%' | b'+' => encoded = true,
                 _ => {}
             }
-            key_end += 1;
         }
-        let base_end = bracket.unwrap_or(key_end);
-        // Most keys cannot be one of the names: their length or first letter
-        // differs.
-        let first = bytes.get(start).map_or(0, u8::to_ascii_lowercase);
-        let may_be = |p: &&str| p.len() == base_end - start && p.as_bytes()[0] == first;
-        if encoded || SCOPED_PARAMS.iter().any(may_be) {
-            let value = query.get(key_end + 1..end).unwrap_or("");
-            check_pair(&query[start..key_end], value, environment)?;
+        let (key, value) = if encoded {
+            let parsed = form_urlencoded::parse(pair.as_bytes()).next();
+            parsed.unwrap_or_default()
+        } else {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (Cow::Borrowed(key), Cow::Borrowed(value))
+        };
+        match scoped_name(&key)? {
+            Some("environment") => read.environments.push(value),
+            Some(name) if name != "branch" => {
+                read.credential.get_or_insert(name);
+            }
+            _ => {}
         }
-        start = end + 1;
     }
-    Ok(())
+    Ok(read)
 }
 
-/// One query pair whose key may be a credential or scope name.
-fn check_pair(raw_key: &str, value: &str, environment: Option<&str>) -> Result<(), Ambiguity> {
-    let key = decode(raw_key);
-    let base = key.split('[').next().unwrap_or(&key);
-    let Some(name) = SCOPED_PARAMS.iter().find(|p| lenient_eq(base, p)) else {
-        return Ok(());
+/// Which credential or scope name a query key is, if any: `Err` for a
+/// bracketed or hyphen form of one, or for `branch`.
+fn scoped_name(key: &str) -> Result<Option<&'static str>, Ambiguity> {
+    let base = key.split_once('[').map_or(key, |(base, _)| base);
+    let first = base.as_bytes().first().map_or(0, u8::to_ascii_lowercase);
+    let Some(name) = SCOPED_PARAMS
+        .iter()
+        .find(|p| p.len() == base.len() && p.as_bytes()[0] == first && lenient_eq(base, p))
+    else {
+        return Ok(None);
     };
-    // Rows 3 and 13 read these names in any case; a `name[...]` form or a
-    // hyphen spelling is a second reading, and so is `branch`, which the
-    // gateway checks as a header.
     if base.len() != key.len() || base.contains('-') || *name == "branch" {
         return Err(Ambiguity::Query);
     }
-    if let (Some(header), "environment") = (environment, *name) {
-        if decode(value) != header {
-            return Err(Ambiguity::Query);
-        }
+    Ok(Some(name))
+}
+
+/// [`read_query`], and every `environment` pair agreeing with the
+/// `environment` header when there is one.
+pub fn check_query(query: &str, environment: Option<&str>) -> Result<(), Ambiguity> {
+    let read = read_query(query)?;
+    match environment {
+        Some(header) if read.environments.iter().any(|e| e != header) => Err(Ambiguity::Query),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// `application/x-www-form-urlencoded` decoding of one key or value, as

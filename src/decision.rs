@@ -33,15 +33,6 @@ pub const ENVIRONMENT: HeaderName = HeaderName::from_static("environment");
 /// A user session token: never accepted at the edge.
 pub const AUTHTOKEN: HeaderName = HeaderName::from_static("authtoken");
 
-/// Query parameters that must never carry credentials (row 3).
-const CREDENTIAL_PARAMS: [&str; 5] = [
-    "api_key",
-    "access_token",
-    "preview_token",
-    "authtoken",
-    "authorization",
-];
-
 /// Largest request head accepted (row 16).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Longest URL accepted (row 16).
@@ -113,7 +104,7 @@ pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> 
         let (count, slot) = match name_text {
             "content-length" => (&mut seen.content_length, Some(&mut seen.length_value)),
             "host" => (&mut seen.host, Some(&mut seen.host_value)),
-            "environment" => (&mut seen.environment, Some(&mut seen.environment_value)),
+            "environment" => (&mut seen.environment, None),
             "api_key" => (&mut seen.api_key, None),
             "access_token" => (&mut seen.access_token, None),
             "preview_token" => (&mut seen.preview_token, None),
@@ -159,13 +150,7 @@ pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> 
         return Err(BadRequest::Malformed);
     }
     check_hosts(parts, seen.host_value).map_err(|_| BadRequest::Malformed)?;
-    let environment = match seen.environment_value {
-        Some(value) => Some(value.to_str().map_err(|_| BadRequest::Malformed)?),
-        None => None,
-    };
-    if let Some(query) = parts.uri.query() {
-        canonical::check_query(query, environment).map_err(|_| BadRequest::Malformed)?;
-    }
+    // The query's rules are read with the query itself, in `decide`.
     Ok(())
 }
 
@@ -182,7 +167,6 @@ struct Singles<'h> {
     branch: u8,
     length_value: Option<&'h HeaderValue>,
     host_value: Option<&'h HeaderValue>,
-    environment_value: Option<&'h HeaderValue>,
 }
 
 impl Singles<'_> {
@@ -233,6 +217,12 @@ pub fn decide<'a>(
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
     });
+    // Row 16's query rules, read in the one pass rows 3 and 13 need.
+    let environment_header = parts.headers.get(ENVIRONMENT);
+    let query = match read_query(parts.uri.query(), environment_header) {
+        Ok(query) => query,
+        Err(_) => return refuse(Reject::BadRequest(BadRequest::Malformed), None, None, None),
+    };
     // Row 16's path rules need the routes: see `find_route`.
     let (route, path) = match find_route(router, host, parts.uri.path()) {
         Ok(Some(found)) => found,
@@ -248,27 +238,21 @@ pub fn decide<'a>(
     if !route.kind.allows_method(&parts.method) {
         return refuse_here(Reject::MethodNotAllowed);
     }
-    // Row 3 (and the environment values for row 13, in the same pass).
-    let mut environments = Vec::new();
-    if let Some(query) = parts.uri.query() {
-        for (key, value) in query_pairs(query) {
-            if let Some(param) = CREDENTIAL_PARAMS
-                .iter()
-                .find(|p| key.eq_ignore_ascii_case(p))
-            {
-                return refuse_here(Reject::CredentialInQuery {
-                    param: (*param).to_owned(),
-                });
-            }
-            // Any case: whether Contentstack would read `Environment` is not
-            // ours to guess, and a refusal is the safe side of that doubt.
-            if key.eq_ignore_ascii_case("environment") {
-                environments.push(value.into_owned());
-            }
-        }
+    // Row 3.
+    if let Some(param) = query.credential {
+        return refuse_here(Reject::CredentialInQuery {
+            param: param.to_owned(),
+        });
     }
-    // The `environment` header some SDKs send is checked like the query.
-    if let Some(value) = parts.headers.get(ENVIRONMENT) {
+    // Row 13's values: the query's (any case: whether Contentstack would
+    // read `Environment` is not ours to guess, and a refusal is the safe side
+    // of that doubt), and the `environment` header some SDKs send.
+    let mut environments: Vec<String> = query
+        .environments
+        .into_iter()
+        .map(Cow::into_owned)
+        .collect();
+    if let Some(value) = environment_header {
         environments.push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
     // Row 4.
@@ -474,23 +458,26 @@ fn refuse<'a>(
     })
 }
 
-/// A query's `key=value` pairs as `application/x-www-form-urlencoded`
-/// decodes them (`form_urlencoded::parse`), but without decoding pairs that
-/// have nothing to decode, which is nearly all of them.
-fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            if pair.bytes().any(|b| b == b'%' || b == b'+') {
-                form_urlencoded::parse(pair.as_bytes())
-                    .next()
-                    .unwrap_or_default()
-            } else {
-                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                (Cow::Borrowed(key), Cow::Borrowed(value))
-            }
-        })
+/// The query read for rows 3, 13 and 16; with an `environment` header, every
+/// `environment` pair must agree with it (one reading).
+fn read_query<'q>(
+    query: Option<&'q str>,
+    header: Option<&HeaderValue>,
+) -> Result<canonical::QueryRead<'q>, Ambiguity> {
+    let Some(query) = query else {
+        return Ok(canonical::QueryRead::default());
+    };
+    let read = canonical::read_query(query)?;
+    if let Some(header) = header {
+        if read
+            .environments
+            .iter()
+            .any(|e| e.as_bytes() != header.as_bytes())
+        {
+            return Err(Ambiguity::Query);
+        }
+    }
+    Ok(read)
 }
 
 /// A CORS preflight: OPTIONS with `Origin` and `Access-Control-Request-Method`.

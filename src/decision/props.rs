@@ -919,13 +919,41 @@ fn check_http_never_panics_and_measures() {
 }
 
 proptest! {
-    /// The query fast path decodes exactly as `form_urlencoded` does, so a
+    /// The query is read exactly as `form_urlencoded` decodes it, so a
     /// credential hidden behind percent-encoding (`access%5Ftoken`) is still
-    /// found by row 3.
+    /// found by row 3, and every `environment` value reaches row 13; a query
+    /// is refused (row 16) exactly when a lenient server could read it
+    /// another way.
     #[test]
-    fn query_pairs_decode_like_form_urlencoded(query in "([a-z_=&+.]|%[0-9A-Fa-f]{0,2}|[\\PC]){0,40}") {
-        let ours: Vec<_> = query_pairs(&query).collect();
-        let theirs: Vec<_> = form_urlencoded::parse(query.as_bytes()).collect();
-        prop_assert_eq!(ours, theirs);
+    fn queries_are_read_like_form_urlencoded(query in "([a-zA-Z_=&+.;\\[\\]-]|%[0-9A-Fa-f]{0,2}|[\\PC]){0,40}") {
+        const CREDENTIALS: [&str; 5] =
+            ["api_key", "access_token", "preview_token", "authtoken", "authorization"];
+        let pairs: Vec<_> = form_urlencoded::parse(query.as_bytes()).collect();
+        let lenient = |key: &str| {
+            let base = key.split('[').next().unwrap_or(key);
+            (base.to_ascii_lowercase().replace('-', "_"), base.len() != key.len() || base.contains('-'))
+        };
+        let ambiguous = query.contains(';')
+            || pairs.iter().any(|(key, _)| {
+                let (name, odd) = lenient(key);
+                (odd && (CREDENTIALS.contains(&name.as_str()) || name == "environment" || name == "branch"))
+                    || name == "branch"
+            });
+        match crate::canonical::read_query(&query) {
+            Err(_) => prop_assert!(ambiguous, "refused but unambiguous: {query:?}"),
+            Ok(read) => {
+                prop_assert!(!ambiguous, "read but ambiguous: {query:?}");
+                let environments: Vec<_> = pairs
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("environment"))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                prop_assert_eq!(read.environments, environments);
+                let credential = pairs.iter().find_map(|(k, _)| {
+                    CREDENTIALS.iter().copied().find(|c| k.eq_ignore_ascii_case(c))
+                });
+                prop_assert_eq!(read.credential, credential);
+            }
+        }
     }
 }
