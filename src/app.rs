@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, Source as SourceConfig};
 use crate::metrics::Metrics;
 use crate::registry::poll::{poll_loop, Polled};
@@ -45,11 +46,15 @@ pub enum StartError {
     Tls(#[from] server::TlsError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A running gateway.
 pub struct Gateway {
     pub shared: Arc<Shared>,
+    /// This node's part in the cluster, when `[cluster]` is configured.
+    pub cluster: Option<Arc<Cluster>>,
     pub http_addr: Option<SocketAddr>,
     pub https_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
@@ -177,13 +182,26 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
+        let cluster = match &shared.config.cluster {
+            Some(settings) => Some(Cluster::new(Arc::clone(&shared), settings)?),
+            None => None,
+        };
         for stack in shared.stacks.iter() {
             tracker.spawn(Arc::clone(stack).snapshot_writer(shutdown.clone()));
-            tracker.spawn(sync_loop(
-                Arc::clone(&shared),
-                Arc::clone(stack),
-                shutdown.clone(),
-            ));
+            // In cluster mode the cluster's lease loop polls the CMA.
+            let leased =
+                cluster.is_some() && matches!(stack.settings().source, SourceConfig::Cma { .. });
+            if !leased {
+                tracker.spawn(sync_loop(
+                    Arc::clone(&shared),
+                    Arc::clone(stack),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        if let Some(cluster) = &cluster {
+            tracing::info!(node = cluster.node_id(), "cluster mode");
+            cluster.start(&tracker, &shutdown);
         }
         if let Some(listener) = http {
             tracker.spawn(server::accept_loop(
@@ -209,6 +227,7 @@ impl Gateway {
         tracker.spawn(crate::admin::serve(
             admin,
             Arc::clone(&shared),
+            cluster.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -223,6 +242,7 @@ impl Gateway {
         }
         Ok(Gateway {
             shared,
+            cluster,
             http_addr,
             https_addr,
             admin_addr,

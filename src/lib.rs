@@ -40,6 +40,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod decision;
