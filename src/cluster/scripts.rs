@@ -31,18 +31,7 @@ return 0
 /// Fenced publication of a registry document. KEYS: registry, lease,
 /// versions channel. ARGV: node id, doc, min_version, now ms.
 /// Returns the new version, or -1 if the caller does not hold the lease.
-pub const PUBLISH: &str = r#"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  return -1
-end
-local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-local floor = tonumber(redis.call('HGET', KEYS[1], 'floor') or '0')
-local version = math.max(current, floor) + 1
-version = math.max(version, tonumber(ARGV[3]))
-redis.call('HSET', KEYS[1], 'version', version, 'doc', ARGV[2], 'published_ms', ARGV[4])
-redis.call('PUBLISH', KEYS[3], version)
-return version
-"#;
+pub const PUBLISH: &str = include_str!("publish.lua");
 
 /// Sets or lifts an admin revocation. KEYS: registry, admin set, versions
 /// channel. ARGV: uid, "1" to revoke or "0" to lift, min_version, now ms.
