@@ -282,7 +282,8 @@ async fn one_poller_and_every_revocation_reaches_every_node() {
         .await;
     let took = sent.elapsed();
     eprintln!("admin revocation on one node -> sessions closed on two others: {took:?}");
-    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // SPEC §10 says 100 ms; a loaded CI machine gets some slack.
+    assert!(took < Duration::from_millis(500), "took {took:?}");
     let reply = send(world.node(leader).http, delivery(STAGING)).await;
     assert_eq!(reply.reason(), "token_revoked");
 
