@@ -538,3 +538,150 @@ async fn per_token_limits_hold_for_the_sum_over_the_nodes() {
         "{admitted} admitted: the nodes' shares add up to less than the limit ({allowed:.1})"
     );
 }
+
+/// `stackgate demo --cluster 3` as a user runs it: three replicas, one
+/// redis-server, and the printed walkthrough does what it says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_demo_walkthrough_works_as_printed() {
+    let _serial = SERIAL.lock().await;
+    let mut child = std::process::Command::new(support::process::BIN)
+        .args([
+            "demo",
+            "--cluster",
+            "3",
+            "--http",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = support::process::Lines::read(child.stdout.take().unwrap());
+    stdout
+        .wait_for("the lift command", |l| l.contains("-X DELETE"))
+        .await;
+    let text = stdout.seen.join("\n");
+    let field = |line: &str, name: &str| -> String {
+        let at = line.find(name).unwrap() + name.len();
+        line[at..].split_whitespace().next().unwrap().to_owned()
+    };
+    let replicas: Vec<(SocketAddr, SocketAddr)> = stdout
+        .seen
+        .iter()
+        .filter(|l| l.trim_start().starts_with("replica demo-"))
+        .map(|l| {
+            let gw = field(l, "gateway ");
+            let admin = field(l, "admin ");
+            (
+                gw.trim_start_matches("http://").parse().unwrap(),
+                admin.trim_start_matches("http://").parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(replicas.len(), 3, "{text}");
+    let bearer = field(
+        stdout.seen.iter().find(|l| l.contains("bearer ")).unwrap(),
+        "bearer ",
+    );
+    let demo_get = |path: &str| {
+        get(
+            "demo",
+            path,
+            &[
+                ("api_key", "blt_demo_stack"),
+                ("access_token", "cs_demo_website_delivery"),
+            ],
+        )
+    };
+    let admin = |addr: SocketAddr, method: &str, path: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "admin")
+            .header("authorization", format!("Bearer {bearer}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // Every replica sees the other two in the cluster.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = send(replicas[0].1, admin(replicas[0].1, "GET", "/admin/cluster"))
+            .await
+            .json();
+        if status["nodes"].as_array().is_some_and(|n| n.len() == 3) && status["redis"] == "up" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A slow stream on replica 2...
+    let mut stream = keep_alive(replicas[1].0).await;
+    let response = stream
+        .sender
+        .send_request(demo_get("/v3/stream"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    use http_body_util::BodyExt;
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    // ...ends when the token is revoked on replica 1.
+    let reply = send(
+        replicas[0].1,
+        admin(
+            replicas[0].1,
+            "POST",
+            "/admin/tokens/blt_demo_website/revoke",
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream on replica 2 went on");
+    stream.wait_closed("demo stream").await;
+    let reply = send(replicas[2].0, demo_get("/v3/entries")).await;
+    assert_eq!(reply.reason(), "token_revoked");
+    let reply = send(
+        replicas[2].1,
+        admin(
+            replicas[2].1,
+            "DELETE",
+            "/admin/tokens/blt_demo_website/revoke",
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let deadline = Instant::now() + DEADLINE;
+    while send(replicas[0].0, demo_get("/v3/entries")).await.status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the lift did not reach replica 1"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM (so that the demo stops its redis-server too) when dropped.
+struct Terminate(std::process::Child);
+
+impl Drop for Terminate {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+}
