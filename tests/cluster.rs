@@ -561,6 +561,7 @@ async fn the_cluster_demo_walkthrough_works_as_printed() {
         .spawn()
         .unwrap();
     let mut stdout = support::process::Lines::read(child.stdout.take().unwrap());
+    let _stop = Terminate(child);
     stdout
         .wait_for("the lift command", |l| l.contains("-X DELETE"))
         .await;
