@@ -306,7 +306,8 @@ const PROPAGATION_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
-    /// Registers the cluster metrics (call once) with a series per stack.
+    /// Registers the cluster metrics (call once), with leader and fallback
+    /// series for `stacks` (the leased ones).
     pub fn cluster(&self, stacks: &[&str]) -> Result<ClusterMetrics, prometheus::Error> {
         let opts = |name: &str, help: &str| Opts::new(name, help).namespace("stackgate");
         let cluster = ClusterMetrics {

@@ -146,7 +146,13 @@ impl Cluster {
         shared: Arc<Shared>,
         settings: &ClusterSettings,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let names: Vec<&str> = shared.stacks.iter().map(|s| &*s.name).collect();
+        // Leader and fallback series exist for leased (`cma_url`) stacks only.
+        let names: Vec<&str> = shared
+            .stacks
+            .iter()
+            .filter(|s| matches!(s.settings().source, SourceConfig::Cma { .. }))
+            .map(|s| &*s.name)
+            .collect();
         let metrics = shared.metrics.cluster(&names)?;
         let link = Link::new(settings.redis_url.expose(), call_timeout(settings.lease))?;
         let stacks = shared
