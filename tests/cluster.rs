@@ -415,12 +415,44 @@ async fn the_leader_killed_another_takes_over_and_the_old_one_cannot_publish() {
     wait_status(world.node(leader), PROD, 401, "restarted node").await;
 }
 
+/// A third token, for the outage test.
+const EXTRA: &str = "cs_extra_delivery_value_5d";
+
+fn extra_token() -> Value {
+    cma::token_json(
+        "blt_extra",
+        "Extra",
+        EXTRA,
+        None,
+        ("production", "blt_env_prod"),
+        None,
+        None,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_nodes_serve_and_poll_alone_then_converge() {
     let _serial = SERIAL.lock().await;
     let mut world = world("").await;
+    let mut tokens = standard_tokens();
+    tokens.push(extra_token());
+    world.cma.set_tokens(tokens);
+    for node in world.live() {
+        wait_status(node, EXTRA, 200, "the extra token listed").await;
+    }
     let leader = world.wait_agreed().await;
     let other = (leader + 1) % 3;
+
+    // Revoked before the outage: Redis (run without persistence) loses it
+    // when it restarts, and the nodes must not lift it then.
+    let reply = world
+        .node(leader)
+        .admin("POST", "/admin/tokens/blt_staging/revoke")
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    for node in world.live() {
+        wait_status(node, STAGING, 401, "revoked before the outage").await;
+    }
 
     world.redis.kill();
     let down_at = Instant::now();
@@ -428,6 +460,10 @@ async fn redis_down_nodes_serve_and_poll_alone_then_converge() {
     for node in world.live() {
         let reply = send(node.http, delivery(PROD)).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(
+            send(node.http, delivery(STAGING)).await.reason(),
+            "token_revoked"
+        );
     }
     // After the lease, every node polls the CMA alone.
     for node in world.live() {
@@ -454,7 +490,9 @@ async fn redis_down_nodes_serve_and_poll_alone_then_converge() {
     for node in world.live() {
         sessions.push(KeepAlive::session(node.http, PROD).await);
     }
-    world.cma.set_tokens(only_staging());
+    let mut tokens = only_staging();
+    tokens.push(extra_token());
+    world.cma.set_tokens(tokens);
     for session in &mut sessions {
         session.wait_closed("deletion during the outage").await;
     }
@@ -462,32 +500,43 @@ async fn redis_down_nodes_serve_and_poll_alone_then_converge() {
     // An admin revocation during the outage applies where it was sent...
     let reply = world
         .node(other)
-        .admin("POST", "/admin/tokens/blt_staging/revoke")
+        .admin("POST", "/admin/tokens/blt_extra/revoke")
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(
-        send(world.node(other).http, delivery(STAGING))
-            .await
-            .reason(),
+        send(world.node(other).http, delivery(EXTRA)).await.reason(),
         "token_revoked"
     );
-    let mut elsewhere = KeepAlive::session(world.node(leader).http, STAGING).await;
+    let mut elsewhere = KeepAlive::session(world.node(leader).http, EXTRA).await;
 
-    // ...and reaches the others once Redis is back; the nodes converge.
+    // ...and reaches the others once Redis is back (empty); the nodes
+    // converge, and the revocation from before the outage holds.
     world.redis.restart();
     elsewhere
         .wait_closed("an outage revocation published on return")
         .await;
     world.wait_agreed().await;
     for node in world.live() {
-        wait_status(node, STAGING, 401, "outage revocation").await;
-        let reply = send(node.http, delivery(PROD)).await;
-        assert_eq!(reply.reason(), "token_revoked");
+        wait_status(node, EXTRA, 401, "outage revocation").await;
+        for (token, what) in [(STAGING, "pre-outage revocation"), (PROD, "deletion")] {
+            let reply = send(node.http, delivery(token)).await;
+            assert_eq!(reply.reason(), "token_revoked", "{what}");
+        }
         let status = node.cluster().await;
         assert_eq!(status["stacks"]["website"]["fallback"], false, "{status:#}");
     }
     assert!(!elsewhere.is_open());
+    let mut conn = world.redis.connection();
+    let admin: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(format!("{PREFIX}:stack:website:admin_revoked"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(admin.contains(&"blt_staging".to_owned()), "{admin:?}");
+    assert!(admin.contains(&"blt_extra".to_owned()), "{admin:?}");
     assert_no_values_in_redis(&world.redis);
+    for (key, value) in world.redis.dump() {
+        assert!(!key.contains(EXTRA) && !value.contains(EXTRA), "{key}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -510,15 +559,20 @@ async fn per_token_limits_hold_for_the_sum_over_the_nodes() {
     tokio::time::sleep(Duration::from_millis(1100)).await; // let every bucket refill
     let start = Instant::now();
     let mut admitted = 0u32;
+    let addrs: Vec<SocketAddr> = world.live().map(|n| n.http).collect();
     let mut conns = Vec::new();
-    for node in world.live() {
-        conns.push(keep_alive(node.http).await);
+    for addr in &addrs {
+        conns.push(keep_alive(*addr).await);
     }
     // Round robin across the nodes for three seconds.
     let mut i = 0;
     while start.elapsed() < Duration::from_secs(3) {
         i += 1;
         let conn = &mut conns[i % 3];
+        // A connection the gateway closed (after a refusal) is replaced.
+        if conn.sender.ready().await.is_err() {
+            *conn = keep_alive(addrs[i % 3]).await;
+        }
         let reply = read(conn.sender.send_request(delivery(PROD)).await.unwrap()).await;
         match reply.status.as_u16() {
             200 => admitted += 1,

@@ -97,6 +97,12 @@ struct StackState {
     applied: watch::Sender<u64>,
     /// Admin revocations made while Redis was unreachable: (uid, revoked).
     pending: Mutex<Vec<(String, bool)>>,
+    /// The epoch of the stored registry last seen; another one means Redis
+    /// lost its data since.
+    epoch: Mutex<Option<String>>,
+    /// Redis holds no registry document for the stack (a new or emptied
+    /// Redis): the poller publishes one at once.
+    doc_missing: AtomicBool,
 }
 
 /// This node's part in the cluster.
@@ -176,6 +182,8 @@ impl Cluster {
                     catch_up: Notify::new(),
                     applied: watch::Sender::new(0),
                     pending: Mutex::new(Vec::new()),
+                    epoch: Mutex::new(None),
+                    doc_missing: AtomicBool::new(false),
                 }
             })
             .collect();
@@ -459,14 +467,26 @@ impl Cluster {
             return Ok(());
         };
         let k = &state.keys;
-        let (version, text, published_ms, admin): (u64, Option<String>, u64, Vec<String>) = self
+        type Stored = (u64, Option<String>, u64, Vec<String>, Option<String>);
+        let (version, text, published_ms, admin, epoch): Stored = self
             .link
             .script(&self.scripts.read, &[&k.registry, &k.admin_revoked], &[])
             .await?;
+        let admin: BTreeSet<String> = admin.into_iter().collect();
+        if state.cma && text.is_none() && !state.doc_missing.swap(true, Ordering::AcqRel) {
+            state.wake.notify_one();
+        } else if text.is_some() {
+            state.doc_missing.store(false, Ordering::Release);
+        }
+        if self
+            .republish_if_lost(index, version, epoch, &admin)
+            .await?
+        {
+            return Ok(());
+        }
         if version == 0 {
             return Ok(());
         }
-        let admin: BTreeSet<String> = admin.into_iter().collect();
         let parsed = match text.as_deref().map(Doc::parse) {
             None => None,
             Some(Ok(doc)) => match doc.parts() {
@@ -505,11 +525,12 @@ impl Cluster {
                             .iter()
                             .map(|u| &**u)
                             .eq(admin.iter().map(String::as_str));
-                        if same {
+                        if same && version <= held {
                             return None;
                         }
+                        // Never backward: a node ahead moves one version on.
+                        let v = if version > held { version } else { held + 1 };
                         let tokens = current.tokens().map(|t| Token::clone(t)).collect();
-                        let v = version.max(held + 1);
                         Some(compose(v, tokens, current.revoked().clone(), &admin))
                     }
                 }
@@ -528,6 +549,52 @@ impl Cluster {
             moved
         });
         Ok(())
+    }
+
+    /// Redis empty, or reset since this node last read it (another epoch):
+    /// the admin revocations this node holds that Redis lacks are published
+    /// again, so that losing Redis's data never lifts a revocation. Returns
+    /// whether it did (the caller reads again on the announcement).
+    async fn republish_if_lost(
+        &self,
+        index: usize,
+        version: u64,
+        epoch: Option<String>,
+        admin: &BTreeSet<String>,
+    ) -> Result<bool, LinkError> {
+        let Some((stack, state)) = self.stack(index) else {
+            return Ok(false);
+        };
+        let lost = {
+            let mut seen = lock(&state.epoch);
+            let lost = match (&*seen, &epoch) {
+                (Some(seen), Some(now)) => seen != now,
+                (Some(_), None) => true,
+                (None, _) => version == 0,
+            };
+            if epoch.is_some() {
+                *seen = epoch;
+            }
+            lost
+        };
+        if !lost {
+            return Ok(false);
+        }
+        let missing: Vec<String> = stack.view().map_or_else(Vec::new, |view| {
+            view.registry
+                .admin_revoked()
+                .iter()
+                .filter(|uid| !admin.contains(&***uid))
+                .map(|uid| uid.to_string())
+                .collect()
+        });
+        if missing.is_empty() {
+            return Ok(false);
+        }
+        tracing::warn!(stack = %stack.name, revocations = missing.len(), "redis lost the cluster's state; publishing this node's admin revocations again");
+        lock(&state.pending).extend(missing.into_iter().map(|uid| (uid, true)));
+        self.replay_pending(index).await?;
+        Ok(true)
     }
 
     /// Revokes what an installed version no longer allows, through the one
@@ -621,6 +688,10 @@ impl Cluster {
             was_leader = leader;
             state.polling.store(leader || fallback, Ordering::Release);
 
+            if leader && state.doc_missing.swap(false, Ordering::AcqRel) {
+                // A new or emptied Redis: publish what this node has now.
+                self.publish(index).await;
+            }
             let requested = state.sync_requested.swap(false, Ordering::AcqRel);
             let force = requested && state.sync_force.swap(false, Ordering::AcqRel);
             if (leader || fallback) && (requested || Instant::now() >= next_sync) {
@@ -685,13 +756,24 @@ impl Cluster {
         if report.error.is_some() {
             return report;
         }
+        let newer = stack
+            .view()
+            .is_some_and(|v| v.registry.version() > *state.applied.borrow());
+        if publish || newer {
+            self.publish(index).await;
+        }
+        report
+    }
+
+    /// Publishes the registry in force (fenced by the lease).
+    async fn publish(&self, index: usize) {
+        let Some((stack, state)) = self.stack(index) else {
+            return;
+        };
         let Some(view) = stack.view() else {
-            return report;
+            return;
         };
         let registry = &view.registry;
-        if !publish && registry.version() <= *state.applied.borrow() {
-            return report;
-        }
         let synced_at = stack.status().last_success.map_or(0, unix_secs);
         let doc = Doc::of(registry, synced_at).to_json();
         let k = &state.keys;
@@ -720,7 +802,6 @@ impl Cluster {
                 tracing::warn!(stack = %stack.name, error = %err, "registry version not published");
             }
         }
-        report
     }
 
     /// Waits (up to a second) for one request of the cluster-wide CMA

@@ -4,7 +4,9 @@
 //! the highest of the stored version and the floor, and at least the
 //! caller's `min_version` (so a node that changed its registry locally first
 //! never finds itself ahead of the cluster). Publication is fenced: it
-//! writes only while the caller holds the stack's lease.
+//! writes only while the caller holds the stack's lease. The registry hash
+//! gets an `epoch` (Redis's clock) when it is created, so that a node can
+//! tell a Redis that lost its data from one that moved on without it.
 
 /// Takes or renews the lease. KEYS: lease. ARGV: node id, ttl ms.
 /// Returns the holder after the call (this node if it got or kept it).
@@ -37,6 +39,10 @@ pub const PUBLISH: &str = include_str!("publish.lua");
 /// channel. ARGV: uid, "1" to revoke or "0" to lift, min_version, now ms.
 /// Returns the new version.
 pub const ADMIN: &str = r#"
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'epoch', t[1] .. '.' .. t[2])
+end
 if ARGV[2] == '1' then
   redis.call('SADD', KEYS[2], ARGV[1])
 else
@@ -52,11 +58,11 @@ return version
 "#;
 
 /// The stored state, read atomically. KEYS: registry, admin set.
-/// Returns {version, doc or false, published_ms, {admin uids}}.
+/// Returns {version, doc or false, published_ms, {admin uids}, epoch or false}.
 pub const READ: &str = r#"
-local fields = redis.call('HMGET', KEYS[1], 'version', 'doc', 'published_ms')
+local fields = redis.call('HMGET', KEYS[1], 'version', 'doc', 'published_ms', 'epoch')
 local admin = redis.call('SMEMBERS', KEYS[2])
-return {tonumber(fields[1] or '0'), fields[2], tonumber(fields[3] or '0'), admin}
+return {tonumber(fields[1] or '0'), fields[2], tonumber(fields[3] or '0'), admin, fields[4]}
 "#;
 
 /// The stored version. KEYS: registry.
@@ -67,6 +73,10 @@ return tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 /// Raises the floor to a version a node reached on its own. KEYS:
 /// registry. ARGV: version. Returns the stored version.
 pub const RAISE_FLOOR: &str = r#"
+if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'epoch', t[1] .. '.' .. t[2])
+end
 local floor = tonumber(redis.call('HGET', KEYS[1], 'floor') or '0')
 if tonumber(ARGV[1]) > floor then
   redis.call('HSET', KEYS[1], 'floor', ARGV[1])
