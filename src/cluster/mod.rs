@@ -71,6 +71,7 @@ struct Scripts {
     admin: Script,
     read: Script,
     version: Script,
+    state: Script,
     raise_floor: Script,
     budget: Script,
     heartbeat: Script,
@@ -202,6 +203,7 @@ impl Cluster {
                 admin: Script::new(scripts::ADMIN),
                 read: Script::new(scripts::READ),
                 version: Script::new(scripts::VERSION),
+                state: Script::new(scripts::STATE),
                 raise_floor: Script::new(scripts::RAISE_FLOOR),
                 budget: Script::new(scripts::BUDGET),
                 heartbeat: Script::new(scripts::HEARTBEAT),
@@ -408,15 +410,38 @@ impl Cluster {
                     .script::<u64>(&self.scripts.version, &[&state.keys.registry], &[])
                     .await;
                 let pending = !lock(&state.pending).is_empty();
-                match stored {
-                    Ok(v) if v == *state.applied.borrow() && !pending => continue,
-                    Ok(_) => {}
-                    Err(_) => continue,
+                let Ok(stored) = stored else { continue };
+                if state.cma {
+                    self.raise_floor_if_ahead(index, stored).await;
+                }
+                if stored == *state.applied.borrow() && !pending {
+                    continue;
                 }
             }
             if let Err(err) = self.catch_up(index).await {
                 tracing::debug!(stack = index, error = %err, "cluster catch-up failed");
             }
+        }
+    }
+
+    /// A node that ran ahead of the stored version (it polled alone while
+    /// Redis was away) raises the stack's floor to its version; the poller
+    /// sees the floor and publishes above it, so every node converges
+    /// without relying on a pub/sub message arriving.
+    async fn raise_floor_if_ahead(&self, index: usize, stored: u64) {
+        let Some((stack, state)) = self.stack(index) else {
+            return;
+        };
+        let local = stack.view().map_or(0, |v| v.registry.version());
+        if local > stored {
+            let _ = self
+                .link
+                .script::<u64>(
+                    &self.scripts.raise_floor,
+                    &[&state.keys.registry],
+                    &[&local.to_string()],
+                )
+                .await;
         }
     }
 
@@ -688,9 +713,24 @@ impl Cluster {
             was_leader = leader;
             state.polling.store(leader || fallback, Ordering::Release);
 
-            if leader && state.doc_missing.swap(false, Ordering::AcqRel) {
-                // A new or emptied Redis: publish what this node has now.
-                self.publish(index).await;
+            if leader {
+                let stored = self
+                    .link
+                    .script::<(u64, u64)>(&self.scripts.state, &[&state.keys.registry], &[])
+                    .await;
+                let behind = stored.is_ok_and(|(version, floor)| floor > 0 && floor >= version);
+                if state.doc_missing.swap(false, Ordering::AcqRel) || behind {
+                    // A new or emptied Redis, or a node ahead of the stored
+                    // version: publish above them all, from a fresh sync
+                    // unless the CMA is failing (then what this node has,
+                    // and the backoff holds).
+                    if stack.status().consecutive_failures == 0 {
+                        self.lead_sync(index, false, true).await;
+                        next_sync = Instant::now() + state.interval;
+                    } else {
+                        self.publish(index).await;
+                    }
+                }
             }
             let requested = state.sync_requested.swap(false, Ordering::AcqRel);
             let force = requested && state.sync_force.swap(false, Ordering::AcqRel);

@@ -70,6 +70,12 @@ pub const VERSION: &str = r#"
 return tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 "#;
 
+/// The stored version and floor. KEYS: registry.
+pub const STATE: &str = r#"
+local fields = redis.call('HMGET', KEYS[1], 'version', 'floor')
+return {tonumber(fields[1] or '0'), tonumber(fields[2] or '0')}
+"#;
+
 /// Raises the floor to a version a node reached on its own. KEYS:
 /// registry. ARGV: version. Returns the stored version.
 pub const RAISE_FLOOR: &str = r#"
