@@ -670,7 +670,7 @@ async fn the_cluster_demo_walkthrough_works_as_printed() {
             ],
         )
     };
-    let admin = |addr: SocketAddr, method: &str, path: &str| {
+    let admin = |method: &str, path: &str| {
         http::Request::builder()
             .method(method)
             .uri(path)
@@ -682,7 +682,7 @@ async fn the_cluster_demo_walkthrough_works_as_printed() {
     // Every replica sees the other two in the cluster.
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let status = send(replicas[0].1, admin(replicas[0].1, "GET", "/admin/cluster"))
+        let status = send(replicas[0].1, admin("GET", "/admin/cluster"))
             .await
             .json();
         if status["nodes"].as_array().is_some_and(|n| n.len() == 3) && status["redis"] == "up" {
@@ -706,11 +706,7 @@ async fn the_cluster_demo_walkthrough_works_as_printed() {
     // ...ends when the token is revoked on replica 1.
     let reply = send(
         replicas[0].1,
-        admin(
-            replicas[0].1,
-            "POST",
-            "/admin/tokens/blt_demo_website/revoke",
-        ),
+        admin("POST", "/admin/tokens/blt_demo_website/revoke"),
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -729,11 +725,7 @@ async fn the_cluster_demo_walkthrough_works_as_printed() {
     assert_eq!(reply.reason(), "token_revoked");
     let reply = send(
         replicas[2].1,
-        admin(
-            replicas[2].1,
-            "DELETE",
-            "/admin/tokens/blt_demo_website/revoke",
-        ),
+        admin("DELETE", "/admin/tokens/blt_demo_website/revoke"),
     )
     .await;
     assert_eq!(reply.status, 200);
