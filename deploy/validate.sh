@@ -9,10 +9,12 @@
 #     kustomization resources, Deployment hardening, probes on /healthz and
 #     /readyz at the admin port, secretKeyRefs vs secret.example.yaml, selectors,
 #     Service target ports, ConfigMap/volume wiring
-#   - stackgate.toml inside the ConfigMap: only SPEC §5 keys, consistent with the
-#     Deployment (ports, env vars, snapshot volume, grace period)
-#   - Prometheus rules and Grafana dashboard: only SPEC §7 metric names and
-#     labels, severity/summary/description on every alert
+#   - stackgate.toml inside the ConfigMap: only SPEC §5 keys (and §10's
+#     [cluster]), consistent with the Deployment (ports, env vars, snapshot
+#     volume, grace period)
+#   - deploy/kubernetes/redis/: the optional Redis kustomization for cluster mode
+#   - Prometheus rules and Grafana dashboard: only SPEC §7 and §10 metric names
+#     and labels, severity/summary/description on every alert
 #   - promtool check rules / check config / test rules (promtool is installed
 #     from Debian's `prometheus` package when missing and running as root)
 #   - optional schema validation with kubernetes-validate (PyPI), best effort
