@@ -133,3 +133,24 @@ impl Link {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rediss_urls_are_built_with_tls_and_nothing_connects_early() {
+        // Fails with "TLS feature not enabled" unless redis-rs has rustls.
+        let link = Link::new("rediss://:pw@127.0.0.1:1/0", Duration::from_millis(100)).unwrap();
+        assert!(!link.is_up());
+        let script = Script::new("return 1");
+        let started = Instant::now();
+        let result = link.script::<i64>(&script, &[], &[]).await;
+        assert!(result.is_err(), "nothing listens on port 1");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the call timeout holds"
+        );
+        assert!(!link.is_up());
+    }
+}
