@@ -530,9 +530,16 @@ async fn redis_down_nodes_serve_and_poll_alone_then_converge() {
     // ...and reaches the others once Redis is back (empty); the nodes
     // converge, and the revocation from before the outage holds.
     world.redis.restart();
-    elsewhere
-        .wait_closed("an outage revocation published on return")
-        .await;
+    let closed = tokio::time::timeout(DEADLINE, &mut elsewhere.closed).await;
+    if closed.is_err() {
+        let mut report = String::new();
+        for node in world.nodes.iter_mut().flatten() {
+            report.push_str(&format!("{:#}\n", node.cluster().await));
+            report.push_str(&node.log());
+            report.push('\n');
+        }
+        panic!("an outage revocation published on return did not end the session:\n{report}");
+    }
     world.wait_agreed().await;
     for node in world.live() {
         wait_status(node, EXTRA, 401, "outage revocation").await;

@@ -104,6 +104,8 @@ struct StackState {
     /// Redis holds no registry document for the stack (a new or emptied
     /// Redis): the poller publishes one at once.
     doc_missing: AtomicBool,
+    /// One catch-up (and replay of pending revocations) at a time.
+    catching_up: tokio::sync::Mutex<()>,
 }
 
 /// This node's part in the cluster.
@@ -185,6 +187,7 @@ impl Cluster {
                     pending: Mutex::new(Vec::new()),
                     epoch: Mutex::new(None),
                     doc_missing: AtomicBool::new(false),
+                    catching_up: tokio::sync::Mutex::new(()),
                 }
             })
             .collect();
@@ -458,7 +461,10 @@ impl Cluster {
             let local = stack.view().map_or(0, |v| v.registry.version());
             self.write_revocation(state, &uid, revoked, local).await?;
             tracing::info!(stack = %stack.name, token = %uid, revoked, "published an admin revocation made while redis was unreachable");
-            lock(&state.pending).remove(0);
+            let mut pending = lock(&state.pending);
+            if pending.first() == Some(&(uid, revoked)) {
+                pending.remove(0);
+            }
         }
     }
 
@@ -487,10 +493,11 @@ impl Cluster {
     /// Reads the stored registry and installs it if it is newer than the
     /// one in force (or the same version with other contents).
     async fn catch_up(&self, index: usize) -> Result<(), LinkError> {
-        self.replay_pending(index).await?;
         let Some((stack, state)) = self.stack(index) else {
             return Ok(());
         };
+        let _one_at_a_time = state.catching_up.lock().await;
+        self.replay_pending(index).await?;
         let k = &state.keys;
         type Stored = (u64, Option<String>, u64, Vec<String>, Option<String>);
         let (version, text, published_ms, admin, epoch): Stored = self
