@@ -9,10 +9,12 @@
 #     kustomization resources, Deployment hardening, probes on /healthz and
 #     /readyz at the admin port, secretKeyRefs vs secret.example.yaml, selectors,
 #     Service target ports, ConfigMap/volume wiring
-#   - stackgate.toml inside the ConfigMap: only SPEC §5 keys, consistent with the
-#     Deployment (ports, env vars, snapshot volume, grace period)
-#   - Prometheus rules and Grafana dashboard: only SPEC §7 metric names and
-#     labels, severity/summary/description on every alert
+#   - stackgate.toml inside the ConfigMap: only SPEC §5 keys (and §10's
+#     [cluster]), consistent with the Deployment (ports, env vars, snapshot
+#     volume, grace period)
+#   - deploy/kubernetes/redis/: the optional Redis kustomization for cluster mode
+#   - Prometheus rules and Grafana dashboard: only SPEC §7 and §10 metric names
+#     and labels, severity/summary/description on every alert
 #   - promtool check rules / check config / test rules (promtool is installed
 #     from Debian's `prometheus` package when missing and running as root)
 #   - optional schema validation with kubernetes-validate (PyPI), best effort
@@ -90,32 +92,50 @@ METRICS = {
     "registry_held_back_removals": ({"stack"}, False),
     "snapshot_write_failures_total": ({"stack"}, False),
 }
+# SPEC §10 (cluster mode): "Metrics added: ..."
+CLUSTER_METRICS = {
+    "cluster_redis_up": (set(), False),
+    "cluster_leader": ({"stack"}, False),
+    "cluster_nodes": (set(), False),
+    "cluster_propagation_seconds": (set(), True),
+    "cluster_fallback": ({"stack"}, False),
+}
 # Labels Prometheus attaches to every scraped series (see prometheus.yml).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "node"}
 
 if os.path.isfile(spec_path):
     spec = open(spec_path, encoding="utf-8").read()
-    m = re.search(r"Metric names, all prefixed `stackgate_`:(.*?)The `token` label", spec, re.S)
-    if not m:
-        die(f"{spec_path}: cannot find the metric list of §7")
-    block = m.group(1)
-    found = {}
-    items = list(re.finditer(r"`([a-z_]+)(?:\{([a-z_,]*)\})?`", block))
-    for i, it in enumerate(items):
-        tail = block[it.end(): items[i + 1].start() if i + 1 < len(items) else len(block)]
-        labels = set(filter(None, (it.group(2) or "").split(",")))
-        hist = "histogram" in tail
-        by = re.search(r"\bby (\w+)\)", tail)
-        if by:
-            labels.add(by.group(1))
-        found[it.group(1)] = (labels, hist)
+    def spec_metrics(pattern, section):
+        m = re.search(pattern, spec, re.S)
+        if not m:
+            die(f"{spec_path}: cannot find the metric list of {section}")
+        block = m.group(1)
+        found = {}
+        items = list(re.finditer(r"`([a-z_]+)(?:\{([a-z_,]*)\})?`", block))
+        for i, it in enumerate(items):
+            tail = block[it.end(): items[i + 1].start() if i + 1 < len(items) else len(block)]
+            labels = set(filter(None, (it.group(2) or "").split(",")))
+            hist = "histogram" in tail
+            by = re.search(r"\bby (\w+)\)", tail)
+            if by:
+                labels.add(by.group(1))
+            found[it.group(1)] = (labels, hist)
+        return found
+    found = spec_metrics(r"Metric names, all prefixed `stackgate_`:(.*?)The `token` label", "§7")
     if found != METRICS:
         die("SPEC §7 metric list differs from the one in deploy/validate.sh: "
             f"spec={sorted(found.items())} script={sorted(METRICS.items())}; update the deploy kit")
     ok(f"metric list matches {spec_path} §7 ({len(METRICS)} metrics)")
+    if "## 10. Cluster mode" in spec:
+        found = spec_metrics(r"Metrics added:(.*?)`stackgate demo --cluster", "§10")
+        if found != CLUSTER_METRICS:
+            die("SPEC §10 metric list differs from the one in deploy/validate.sh: "
+                f"spec={sorted(found.items())} script={sorted(CLUSTER_METRICS.items())}; update the deploy kit")
+        ok(f"cluster metric list matches {spec_path} §10 ({len(CLUSTER_METRICS)} metrics)")
 else:
     print(f"skip SPEC cross-check: {spec_path} not found (using the built-in metric list)")
 
+METRICS.update(CLUSTER_METRICS)
 ALLOWED = {}
 for base, (labels, hist) in METRICS.items():
     name = "stackgate_" + base
@@ -186,7 +206,11 @@ kdir = "deploy/kubernetes"
 kust = yaml_docs.get(f"{kdir}/kustomization.yaml", [None])[0]
 if not kust:
     die(f"{kdir}/kustomization.yaml missing")
-manifest_files = sorted(p for p in yaml_docs if p.startswith(kdir + "/") and not p.endswith("kustomization.yaml"))
+# deploy/kubernetes/redis/ is a separate, optional kustomization (a Redis to
+# try cluster mode with); it is checked on its own below.
+rdir = f"{kdir}/redis"
+manifest_files = sorted(p for p in yaml_docs if p.startswith(kdir + "/") and not p.endswith("kustomization.yaml")
+                        and not p.startswith(rdir + "/"))
 objs = {}   # (kind, name) -> doc
 for p in manifest_files:
     for d in yaml_docs[p]:
@@ -216,6 +240,24 @@ for p in manifest_files:
     elif p not in listed:
         die(f"{kdir}/kustomization.yaml does not list {os.path.basename(p)}")
 ok(f"{kdir}/kustomization.yaml lists every manifest except secret.example.yaml")
+
+rkust = (yaml_docs.get(f"{rdir}/kustomization.yaml") or [None])[0]
+if rkust:
+    rfiles = sorted(p for p in yaml_docs if p.startswith(rdir + "/") and not p.endswith("kustomization.yaml"))
+    rlisted = {f"{rdir}/{r}" for r in rkust.get("resources") or []}
+    if set(rfiles) != rlisted:
+        die(f"{rdir}/kustomization.yaml lists {sorted(rlisted)}, the directory has {sorted(rfiles)}")
+    rkinds = set()
+    for p in rfiles:
+        for d in yaml_docs[p]:
+            if not d.get("apiVersion") or not d.get("kind") or not (d.get("metadata") or {}).get("name"):
+                die(f"{p}: document without apiVersion, kind or metadata.name")
+            if "namespace" in d["metadata"]:
+                die(f"{p}: hard-codes metadata.namespace")
+            rkinds.add(d["kind"])
+    if not {"Service"} <= rkinds:
+        die(f"{rdir}: expected a Service for Redis")
+    ok(f"{rdir}: optional Redis kustomization ({', '.join(sorted(rkinds))})")
 
 def one(kind):
     found = [d for (k, _n), d in objs.items() if k == kind]
@@ -362,6 +404,7 @@ SCHEMA = {
     "admin": {"token_env"},
     "server": {"header_timeout", "idle_timeout", "max_connections", "max_body_bytes", "grace_period"},
     "upstream": {"connect_timeout", "request_timeout", "ca_file"},
+    "cluster": {"redis_url_env", "node_id", "key_prefix", "lease"},
 }
 ROUTE = {"kind", "hosts", "path_prefix", "upstream", "region"}
 STACK = {"name", "api_key", "registry", "limits"}
@@ -406,6 +449,10 @@ stacks = cfg.get("stacks") or die("stackgate.toml: no [[stacks]]")
 needed_env = set()
 if "admin" in cfg:
     needed_env.add(cfg["admin"]["token_env"])
+if "cluster" in cfg:
+    needed_env.add(cfg["cluster"].get("redis_url_env") or die("stackgate.toml: [cluster] needs redis_url_env"))
+    if "lease" in cfg["cluster"]:
+        check_dur("cluster.lease", cfg["cluster"]["lease"])
 snapshots = []
 for i, s in enumerate(stacks):
     keys_in(f"[[stacks]] #{i}", s, STACK)
@@ -490,7 +537,9 @@ for g in alerts["groups"]:
 ok(f"alerts.yml: {n_alerts} alerts with severity, summary, description; only SPEC metric names and labels")
 for must in ("stackgate_registry_sync_failures_total", "stackgate_registry_last_success_timestamp_seconds",
              "stackgate_registry_held_back_removals", "stackgate_revocation_seconds_bucket",
-             "stackgate_rejections_total", "stackgate_snapshot_write_failures_total", "up"):
+             "stackgate_rejections_total", "stackgate_snapshot_write_failures_total", "up",
+             "stackgate_cluster_leader", "stackgate_cluster_redis_up", "stackgate_cluster_fallback",
+             "stackgate_registry_version"):
     if must not in used_in_alerts:
         die(f"alerts.yml: no alert uses {must}")
 ok("alerts.yml: covers sync failures, staleness, held-back removals, snapshot write failures, revocation latency, rejections, instance down")
@@ -705,14 +754,14 @@ for b in target/release/stackgate target/debug/stackgate; do
   if [ -x "$b" ] && { [ -z "$BIN" ] || [ "$b" -nt "$BIN" ]; }; then BIN="$b"; fi
 done
 if [ -n "$BIN" ]; then
-  if STACKGATE_ADMIN_TOKEN=x STACKGATE_CMA_AUTHTOKEN=y timeout 60 "$BIN" check --config "$TMP/stackgate.toml" >"$TMP/out" 2>&1; then
+  if STACKGATE_ADMIN_TOKEN=x STACKGATE_CMA_AUTHTOKEN=y STACKGATE_REDIS_URL=redis://redis:6379/ timeout 60 "$BIN" check --config "$TMP/stackgate.toml" >"$TMP/out" 2>&1; then
     pass "$BIN check --config <ConfigMap stackgate.toml> exits 0"
   else
     cat "$TMP/out"; fail "$BIN check rejected the ConfigMap's stackgate.toml"
   fi
   # Sanity: a broken config must be refused, or the check above proves nothing.
   sed 's/^kind = "delivery"/kind = "no-such-kind"/' "$TMP/stackgate.toml" >"$TMP/broken.toml"
-  if STACKGATE_ADMIN_TOKEN=x STACKGATE_CMA_AUTHTOKEN=y timeout 60 "$BIN" check --config "$TMP/broken.toml" >/dev/null 2>&1; then
+  if STACKGATE_ADMIN_TOKEN=x STACKGATE_CMA_AUTHTOKEN=y STACKGATE_REDIS_URL=redis://redis:6379/ timeout 60 "$BIN" check --config "$TMP/broken.toml" >/dev/null 2>&1; then
     echo "warning: $BIN check also accepted a config with kind = \"no-such-kind\"; is the binary a stub or out of date?"
   fi
 else

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::registry::snapshot::{age_secs, unix_secs};
 use crate::registry::Digest;
 use crate::response::{self, Body};
@@ -33,6 +34,7 @@ pub const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_se
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    cluster: Option<Arc<Cluster>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -57,9 +59,11 @@ pub async fn serve(
         };
         backoff = ACCEPT_BACKOFF_MIN;
         let shared = Arc::clone(&shared);
+        let cluster = cluster.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let service = service_fn(move |request| handle(Arc::clone(&shared), request));
+            let service =
+                service_fn(move |request| handle(Arc::clone(&shared), cluster.clone(), request));
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
@@ -77,6 +81,7 @@ pub async fn serve(
 /// Answers one admin request.
 pub async fn handle(
     shared: Arc<Shared>,
+    cluster: Option<Arc<Cluster>>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path().to_owned();
@@ -105,7 +110,12 @@ pub async fn handle(
                     "A valid admin bearer token is required.",
                 ));
             }
-            admin(&shared, &method, p, request.uri().query()).await
+            match cluster {
+                Some(cluster) => {
+                    cluster_admin(&shared, &cluster, &method, p, request.uri().query()).await
+                }
+                None => admin(&shared, &method, p, request.uri().query()).await,
+            }
         }
         _ => response::admin_error(StatusCode::NOT_FOUND, "Not found."),
     };
@@ -183,6 +193,55 @@ async fn admin(
         },
         (&Method::GET, ["stacks"]) => response::json(StatusCode::OK, &stacks(shared)),
         _ => response::admin_error(StatusCode::NOT_FOUND, "Not found."),
+    }
+}
+
+/// The admin API in cluster mode (SPEC §10): `/admin/cluster`; `sync`
+/// through the poller; revocations applied here at once and published to
+/// every node; `/admin/stacks` with `leader` and `cluster_version`. The
+/// rest as standalone.
+async fn cluster_admin(
+    shared: &Arc<Shared>,
+    cluster: &Cluster,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Response<Body> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["cluster"]) => response::json(StatusCode::OK, &cluster.status()),
+        (&Method::POST, ["sync"]) => {
+            let force = query.is_some_and(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .any(|(k, v)| k == "force" && (v == "true" || v == "1"))
+            });
+            response::json(StatusCode::OK, &cluster.sync(force).await)
+        }
+        (&Method::POST | &Method::DELETE, ["tokens", uid, "revoke"]) => {
+            let revoked = method == Method::POST;
+            let known = cluster.stacks_knowing(uid);
+            // Here at once (sessions cut, snapshot written) and in Redis for
+            // the other nodes, side by side.
+            let (answer, ()) = tokio::join!(
+                set_revocation(shared, uid, revoked),
+                cluster.publish_revocation(uid, revoked, &known)
+            );
+            answer
+        }
+        (&Method::GET, ["stacks"]) => {
+            let mut value = stacks(shared);
+            if let Some(list) = value.get_mut("stacks").and_then(Value::as_array_mut) {
+                for (index, entry) in list.iter_mut().enumerate() {
+                    let (leader, version) = cluster.stack_view(index);
+                    if let Some(entry) = entry.as_object_mut() {
+                        entry.insert("leader".to_owned(), json!(leader));
+                        entry.insert("cluster_version".to_owned(), json!(version));
+                    }
+                }
+            }
+            response::json(StatusCode::OK, &value)
+        }
+        _ => admin(shared, method, path, query).await,
     }
 }
 

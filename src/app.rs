@@ -11,12 +11,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, Source as SourceConfig};
 use crate::metrics::Metrics;
 use crate::registry::poll::{poll_loop, OnFailure, Polled};
 use crate::registry::source::{
-    CmaBudget, CmaClient, FileSource, Source, CMA_REQUESTS_PER_SECOND, MAX_PAGE_TIMEOUT,
-    MIN_PAGE_TIMEOUT,
+    CmaBudget, CmaClient, FileSource, Source, CMA_REQUESTS_PER_SECOND, FILE_POLL_INTERVAL,
+    MAX_PAGE_TIMEOUT, MIN_PAGE_TIMEOUT,
 };
 use crate::registry::{StackRegistry, Stacks};
 use crate::route::Router;
@@ -25,9 +26,6 @@ use crate::sessions::Sessions;
 use crate::state::{record_registry, Shared};
 use crate::upstream::h1pool::H1Pool;
 use crate::upstream::{build_client, connector};
-
-/// How often a tokens file is checked for changes.
-pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +43,15 @@ pub enum StartError {
     Tls(#[from] server::TlsError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A running gateway.
 pub struct Gateway {
     pub shared: Arc<Shared>,
+    /// This node's part in the cluster, when `[cluster]` is configured.
+    pub cluster: Option<Arc<Cluster>>,
     pub http_addr: Option<SocketAddr>,
     pub https_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
@@ -185,17 +187,30 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));
+        let cluster = match &shared.config.cluster {
+            Some(settings) => Some(Cluster::new(Arc::clone(&shared), settings)?),
+            None => None,
+        };
         for stack in shared.stacks.iter() {
             let failures = shared
                 .metrics
                 .snapshot_write_failures
                 .with_label_values(&[&stack.name]);
             tracker.spawn(Arc::clone(stack).snapshot_writer(shutdown.clone(), failures));
-            tracker.spawn(sync_loop(
-                Arc::clone(&shared),
-                Arc::clone(stack),
-                shutdown.clone(),
-            ));
+            // In cluster mode the cluster's lease loop polls the CMA.
+            let leased =
+                cluster.is_some() && matches!(stack.settings().source, SourceConfig::Cma { .. });
+            if !leased {
+                tracker.spawn(sync_loop(
+                    Arc::clone(&shared),
+                    Arc::clone(stack),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        if let Some(cluster) = &cluster {
+            tracing::info!(node = cluster.node_id(), "cluster mode");
+            cluster.start(&tracker, &shutdown);
         }
         if let Some(listener) = http {
             tracker.spawn(server::accept_loop(
@@ -221,6 +236,7 @@ impl Gateway {
         tracker.spawn(crate::admin::serve(
             admin,
             Arc::clone(&shared),
+            cluster.clone(),
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -235,6 +251,7 @@ impl Gateway {
         }
         Ok(Gateway {
             shared,
+            cluster,
             http_addr,
             https_addr,
             admin_addr,

@@ -1,6 +1,9 @@
 //! `stackgate demo`: the gateway on loopback with an embedded sample stack
 //! (a tokens file) and a small origin that answers like the CDA, plus the
-//! curl commands that show each behaviour (SPEC §8).
+//! curl commands that show each behaviour (SPEC §8). [`cluster`]: the same
+//! with several replicas on one local Redis (`--cluster N`, SPEC §10).
+
+pub mod cluster;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -45,6 +48,8 @@ pub enum DemoError {
     Start(#[from] crate::app::StartError),
     #[error("the demo registry did not load: {0}")]
     Registry(String),
+    #[error("{0}")]
+    Redis(String),
 }
 
 /// A started demo: the gateway, its origin, and the files it wrote.

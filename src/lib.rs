@@ -26,7 +26,11 @@
 //!
 //! What serves requests, calling down into [`state`]:
 //! - [`proxy`]: the request path (check, decide, forward, stream back).
-//! - [`admin`]: health, readiness, metrics and the admin API.
+//! - [`cluster`]: cluster mode on Redis (SPEC §10): the poller lease, the
+//!   published registry versions, cluster-wide admin revocations and limit
+//!   shares. Background tasks only; the request path never waits on Redis.
+//! - [`admin`]: health, readiness, metrics and the admin API (calls
+//!   [`cluster`] in cluster mode).
 //!
 //! What builds and starts things:
 //! - [`server`]: listeners, TLS, the per-connection task and its timeouts.
@@ -42,6 +46,7 @@
 pub mod admin;
 pub mod app;
 pub mod canonical;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod decision;

@@ -47,6 +47,10 @@ enum Command {
         /// Admin address (a free port is used if this one is taken).
         #[arg(long, default_value = stackgate::demo::DEFAULT_ADMIN)]
         admin: SocketAddr,
+        /// Run N replicas sharing one local redis-server (found on PATH),
+        /// on consecutive ports from --http and --admin (SPEC §10).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+        cluster: Option<u16>,
     },
 }
 
@@ -58,9 +62,16 @@ fn main() -> ExitCode {
             logging::init(cli.log_format);
             report(run(&config))
         }
-        Command::Demo { http, admin } => {
+        Command::Demo {
+            http,
+            admin,
+            cluster,
+        } => {
             logging::init(cli.log_format);
-            report(demo(http, admin))
+            match cluster {
+                Some(replicas) => report(demo_cluster(usize::from(replicas), http, admin)),
+                None => report(demo(http, admin)),
+            }
         }
     }
 }
@@ -124,6 +135,15 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
 fn demo(http: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let demo = stackgate::demo::start(http, admin).await?;
+        println!("{}", demo.instructions());
+        demo.run_until_signal().await;
+        Ok(())
+    })
+}
+
+fn demo_cluster(replicas: usize, http: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let demo = stackgate::demo::cluster::start(replicas, http, admin).await?;
         println!("{}", demo.instructions());
         demo.run_until_signal().await;
         Ok(())

@@ -294,3 +294,74 @@ impl TokenUsage {
         self.by_token.remove(&(stack, Arc::from(uid)));
     }
 }
+
+/// The cluster metrics of SPEC §10, registered beside the others only in
+/// cluster mode (a standalone `/metrics` stays as it was).
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// `stackgate_cluster_redis_up`: 1 while Redis answers.
+    pub redis_up: prometheus::IntGauge,
+    /// `stackgate_cluster_leader{stack}`: 1 on the node polling for the stack.
+    pub leader: IntGaugeVec,
+    /// `stackgate_cluster_nodes`: nodes seen in the last 3 × lease.
+    pub nodes: prometheus::IntGauge,
+    /// `stackgate_cluster_propagation_seconds`: publication to application here.
+    pub propagation: Histogram,
+    /// `stackgate_cluster_fallback{stack}`: 1 while this node polls alone.
+    pub fallback: IntGaugeVec,
+}
+
+const PROPAGATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+impl Metrics {
+    /// Registers the cluster metrics (call once), with leader and fallback
+    /// series for `stacks` (the leased ones).
+    pub fn cluster(&self, stacks: &[&str]) -> Result<ClusterMetrics, prometheus::Error> {
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace("stackgate");
+        let cluster = ClusterMetrics {
+            redis_up: prometheus::IntGauge::with_opts(opts(
+                "cluster_redis_up",
+                "1 while this node reaches Redis, else 0.",
+            ))?,
+            leader: IntGaugeVec::new(
+                opts(
+                    "cluster_leader",
+                    "1 on the node that holds the stack's poller lease.",
+                ),
+                &["stack"],
+            )?,
+            nodes: prometheus::IntGauge::with_opts(opts(
+                "cluster_nodes",
+                "Nodes seen in the last 3 x lease.",
+            ))?,
+            propagation: Histogram::with_opts(
+                HistogramOpts::new(
+                    "cluster_propagation_seconds",
+                    "From a registry version's publication to its application on this node.",
+                )
+                .namespace("stackgate")
+                .buckets(PROPAGATION_BUCKETS.to_vec()),
+            )?,
+            fallback: IntGaugeVec::new(
+                opts(
+                    "cluster_fallback",
+                    "1 while this node polls the CMA on its own because Redis is unreachable.",
+                ),
+                &["stack"],
+            )?,
+        };
+        self.registry.register(Box::new(cluster.redis_up.clone()))?;
+        self.registry.register(Box::new(cluster.leader.clone()))?;
+        self.registry.register(Box::new(cluster.nodes.clone()))?;
+        self.registry
+            .register(Box::new(cluster.propagation.clone()))?;
+        self.registry.register(Box::new(cluster.fallback.clone()))?;
+        for stack in stacks {
+            cluster.leader.with_label_values(&[stack]).set(0);
+            cluster.fallback.with_label_values(&[stack]).set(0);
+        }
+        Ok(cluster)
+    }
+}

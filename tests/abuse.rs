@@ -778,7 +778,7 @@ async fn faulty_origins_fail_cleanly_without_leaks() {
             total += data.len();
         }
         frames += 1;
-        if frames % 64 == 0 {
+        if frames.is_multiple_of(64) {
             peak = peak.max(rss_bytes());
         }
     }

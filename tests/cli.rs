@@ -888,7 +888,7 @@ impl Curl {
             return None;
         }
         let (command, comment) = match line.find(" #") {
-            Some(at) if line[..at].matches('\'').count() % 2 == 0 => {
+            Some(at) if line[..at].matches('\'').count().is_multiple_of(2) => {
                 (&line[..at], line[at + 2..].trim())
             }
             _ => (line, ""),

@@ -26,6 +26,18 @@ pub struct FileConfig {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub stacks: Vec<Stack>,
+    /// SPEC §10; absent = standalone.
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]` (SPEC §10).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub redis_url_env: String,
+    pub node_id: Option<String>,
+    pub key_prefix: Option<String>,
+    pub lease: Option<DurationStr>,
 }
 
 #[derive(Debug, Deserialize)]

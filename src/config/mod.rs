@@ -73,6 +73,7 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         upstream,
         routes,
         stacks,
+        cluster,
     } = file;
 
     let listen = convert_listen(listen)?;
@@ -182,6 +183,8 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         }
     }
 
+    let cluster = cluster.map(|c| convert_cluster(c, env)).transpose()?;
+
     Ok(Config {
         listen,
         tls,
@@ -190,7 +193,82 @@ fn convert(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Con
         upstream,
         routes,
         stacks,
+        cluster,
     })
+}
+
+fn convert_cluster(
+    cluster: file::Cluster,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ClusterSettings, ConfigError> {
+    let file::Cluster {
+        redis_url_env,
+        node_id,
+        key_prefix,
+        lease,
+    } = cluster;
+    let redis_url = required_env("cluster.redis_url_env", &redis_url_env, env)?;
+    let scheme_ok = ["redis://", "rediss://"]
+        .iter()
+        .any(|s| redis_url.expose().starts_with(s));
+    // The URL may carry a password: the error names the variable, not the value.
+    if !scheme_ok || redis::IntoConnectionInfo::into_connection_info(redis_url.expose()).is_err() {
+        return Err(ConfigError::invalid(
+            "cluster.redis_url_env",
+            format!("environment variable {redis_url_env} must hold a redis:// or rediss:// URL"),
+        ));
+    }
+    let valid_id = |text: &str| {
+        !text.is_empty()
+            && text.len() <= 128
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
+    };
+    let node_id = match node_id {
+        Some(id) if valid_id(&id) => id,
+        Some(_) => {
+            return Err(ConfigError::invalid(
+                "cluster.node_id",
+                "must be 1 to 128 characters of letters, digits and - _ . : @",
+            ))
+        }
+        None => default_node_id(),
+    };
+    let key_prefix = match key_prefix {
+        Some(p) if p.is_empty() || p.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            return Err(ConfigError::invalid(
+                "cluster.key_prefix",
+                "must be non-empty, without spaces or control characters",
+            ))
+        }
+        Some(p) => p,
+        None => DEFAULT_KEY_PREFIX.to_owned(),
+    };
+    let lease = positive("cluster.lease", lease, DEFAULT_LEASE)?;
+    if lease < std::time::Duration::from_millis(500) {
+        return Err(ConfigError::invalid(
+            "cluster.lease",
+            "must be at least 500ms",
+        ));
+    }
+    Ok(ClusterSettings {
+        redis_url,
+        node_id,
+        key_prefix,
+        lease,
+    })
+}
+
+/// `<hostname>-<pid>`: unique per process on a host, readable in `/admin/cluster`.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "stackgate".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Converts every entry of a `[[key]]` array, which must have one at least.

@@ -321,3 +321,93 @@ fn route_hosts_are_matched_without_port_or_case() {
         format!("{FULL}\n[[routes]]\nkind = \"graphql\"\nhosts = [\"preview.example.com:80\"]\n");
     assert_eq!(error_key(&dup), "routes[2].hosts");
 }
+
+const CLUSTER: &str = r#"
+[cluster]
+redis_url_env = "STACKGATE_REDIS_URL"
+node_id = "gw-1"
+key_prefix = "edge"
+lease = "3s"
+"#;
+
+fn env_with_redis(name: &str) -> Option<String> {
+    match name {
+        "STACKGATE_REDIS_URL" => Some("rediss://:redis-password@redis.internal:6380/0".into()),
+        other => env_with_secrets(other),
+    }
+}
+
+#[test]
+fn without_cluster_a_config_is_standalone() {
+    assert!(parse(FULL).unwrap().cluster.is_none());
+}
+
+#[test]
+fn the_cluster_section_parses_and_hides_the_url() {
+    let text = format!("{FULL}{CLUSTER}");
+    let config = Config::parse(&text, &env_with_redis).unwrap();
+    let cluster = config.cluster.as_ref().unwrap();
+    assert_eq!(cluster.node_id, "gw-1");
+    assert_eq!(cluster.key_prefix, "edge");
+    assert_eq!(cluster.lease, Duration::from_secs(3));
+    assert!(cluster.redis_url.expose().starts_with("rediss://"));
+    assert!(!format!("{config:?}").contains("redis-password"));
+
+    let defaults = format!("{FULL}\n[cluster]\nredis_url_env = \"STACKGATE_REDIS_URL\"\n");
+    let cluster = Config::parse(&defaults, &env_with_redis)
+        .unwrap()
+        .cluster
+        .unwrap();
+    assert_eq!(cluster.key_prefix, DEFAULT_KEY_PREFIX);
+    assert_eq!(cluster.lease, DEFAULT_LEASE);
+    assert!(cluster
+        .node_id
+        .ends_with(&format!("-{}", std::process::id())));
+}
+
+#[test]
+fn bad_cluster_values_name_their_key() {
+    let key = |text: &str, env: &dyn Fn(&str) -> Option<String>| match Config::parse(
+        &format!("{FULL}{text}"),
+        env,
+    ) {
+        Ok(_) => panic!("expected an error for {text}"),
+        Err(err) => err.key().unwrap_or("<none>").to_owned(),
+    };
+    // The variable is not set.
+    assert_eq!(key(CLUSTER, &env_with_secrets), "cluster.redis_url_env");
+    // Not a Redis URL; the message names the variable, never the value.
+    let http = |name: &str| match name {
+        "STACKGATE_REDIS_URL" => Some("http://user:pw-77@host/".into()),
+        other => env_with_secrets(other),
+    };
+    assert_eq!(key(CLUSTER, &http), "cluster.redis_url_env");
+    let err = Config::parse(&format!("{FULL}{CLUSTER}"), &http).unwrap_err();
+    assert!(!err.to_string().contains("pw-77"), "{err}");
+    for (from, to, named) in [
+        ("lease = \"3s\"", "lease = \"soon\"", "cluster.lease"),
+        ("lease = \"3s\"", "lease = \"0s\"", "cluster.lease"),
+        ("lease = \"3s\"", "lease = \"100ms\"", "cluster.lease"),
+        (
+            "node_id = \"gw-1\"",
+            "node_id = \"gw 1\"",
+            "cluster.node_id",
+        ),
+        (
+            "key_prefix = \"edge\"",
+            "key_prefix = \"\"",
+            "cluster.key_prefix",
+        ),
+        (
+            "lease = \"3s\"",
+            "lease = \"3s\"\nleader = true",
+            "cluster.leader",
+        ),
+    ] {
+        assert_eq!(
+            key(&CLUSTER.replace(from, to), &env_with_redis),
+            named,
+            "{to}"
+        );
+    }
+}

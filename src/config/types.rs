@@ -103,6 +103,26 @@ pub struct Config {
     pub upstream: UpstreamSettings,
     pub routes: Vec<Arc<Route>>,
     pub stacks: Vec<StackConfig>,
+    /// `[cluster]`; `None` = standalone (SPEC §10).
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// The default `cluster.key_prefix`.
+pub const DEFAULT_KEY_PREFIX: &str = "stackgate";
+/// The default `cluster.lease`.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+
+/// `[cluster]`, checked (SPEC §10).
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// The `redis://` or `rediss://` URL; it may hold a password, so it is a secret.
+    pub redis_url: Secret,
+    /// This node's id in the cluster.
+    pub node_id: String,
+    /// Every key lives under `<key_prefix>:`.
+    pub key_prefix: String,
+    /// How long a stack's poller lease lasts.
+    pub lease: Duration,
 }
 
 /// Listener addresses.

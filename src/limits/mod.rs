@@ -38,7 +38,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,21 +98,26 @@ impl Limited {
 pub struct Limits<C: Clock + Clone = DefaultClock> {
     clock: C,
     stacks: Vec<StackLimits<C>>,
+    /// Cluster mode (SPEC §10): the `per_token` and `origin` buckets hold
+    /// `1 / nodes` of the configured rate and burst; 1 when standalone.
+    nodes: AtomicU32,
 }
 
 struct StackLimits<C: Clock + Clone> {
     per_token: Option<RateLimit>,
     overrides: Vec<(String, RateLimit)>,
     tokens: DashMap<Arc<str>, TokenBucket<C>, foldhash::fast::RandomState>,
-    origin: Option<Limit<Limiter<Probe, PeekState, C>>>,
+    origin: Option<arc_swap::ArcSwap<Limit<Limiter<Probe, PeekState, C>>>>,
     failed_auth: Option<IpLimits<C>>,
 }
 
 type Limiter<K, S, C> = RateLimiter<K, S, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
-/// A limiter with the limit it was built from.
+/// A limiter with the limit it was built from (the configured one, which
+/// row 15's headers name) and the number of nodes it is a share for.
 struct Limit<L> {
     limit: RateLimit,
+    nodes: u32,
     limiter: L,
 }
 
@@ -152,7 +157,30 @@ impl<C: Clock + Clone> Limits<C> {
             .into_iter()
             .map(|settings| StackLimits::new(settings, &clock, max_ips))
             .collect();
-        Limits { clock, stacks }
+        Limits {
+            clock,
+            stacks,
+            nodes: AtomicU32::new(1),
+        }
+    }
+
+    /// Cluster mode: this node admits `1 / nodes` of each `per_token` and
+    /// `origin` limit (rate and burst, rounded up). Origin buckets are
+    /// rebuilt at once, token buckets on their next request.
+    pub fn set_nodes(&self, nodes: usize) {
+        let nodes = u32::try_from(nodes).unwrap_or(u32::MAX).max(1);
+        if self.nodes.swap(nodes, Ordering::AcqRel) == nodes {
+            return;
+        }
+        for origin in self.stacks.iter().filter_map(|s| s.origin.as_ref()) {
+            let limit = origin.load().limit;
+            origin.store(Arc::new(origin_bucket(limit, nodes, &self.clock)));
+        }
+    }
+
+    /// The number of nodes the shared limits are divided by.
+    pub fn nodes(&self) -> u32 {
+        self.nodes.load(Ordering::Acquire)
     }
 
     /// Row 15 for a permitted request of `token` on stack `stack`: its own
@@ -162,13 +190,15 @@ impl<C: Clock + Clone> Limits<C> {
         let Some(limits) = self.stacks.get(stack) else {
             return Ok(());
         };
-        if let Some(origin) = &limits.origin {
+        let origin = limits.origin.as_ref().map(|o| o.load());
+        if let Some(origin) = &origin {
             check_origin(origin, &Probe::Peek, &self.clock)?;
         }
         if let Some(limit) = limits.token_limit(token) {
-            limits.take_token(&token.uid, limit, &self.clock)?;
+            let nodes = self.nodes.load(Ordering::Relaxed);
+            limits.take_token(&token.uid, limit, nodes, &self.clock)?;
         }
-        if let Some(origin) = &limits.origin {
+        if let Some(origin) = &origin {
             check_origin(origin, &Probe::Take, &self.clock)?;
         }
         Ok(())
@@ -261,10 +291,8 @@ impl<C: Clock + Clone> StackLimits<C> {
             per_token: *per_token,
             overrides: overrides.clone(),
             tokens: DashMap::default(),
-            origin: origin.map(|limit| Limit {
-                limit,
-                limiter: RateLimiter::new(quota(limit), PeekState::default(), clock.clone()),
-            }),
+            origin: origin
+                .map(|limit| arc_swap::ArcSwap::from_pointee(origin_bucket(limit, 1, clock))),
             failed_auth: failed_auth_per_ip.map(|limit| IpLimits {
                 limit,
                 limiter: RateLimiter::new(quota(limit), IpStore::new(max_ips), clock.clone()),
@@ -283,9 +311,15 @@ impl<C: Clock + Clone> StackLimits<C> {
             .or(self.per_token)
     }
 
-    fn take_token(&self, uid: &Arc<str>, limit: RateLimit, clock: &C) -> Result<(), Limited> {
+    fn take_token(
+        &self,
+        uid: &Arc<str>,
+        limit: RateLimit,
+        nodes: u32,
+        clock: &C,
+    ) -> Result<(), Limited> {
         if let Some(bucket) = self.tokens.get(&**uid) {
-            if bucket.limit == limit {
+            if bucket.limit == limit && bucket.nodes == nodes {
                 return check_token(&bucket, clock);
             }
         }
@@ -293,19 +327,45 @@ impl<C: Clock + Clone> StackLimits<C> {
             .tokens
             .entry(Arc::clone(uid))
             .and_modify(|bucket| {
-                if bucket.limit != limit {
-                    *bucket = token_bucket(limit, clock);
+                if bucket.limit != limit || bucket.nodes != nodes {
+                    *bucket = token_bucket(limit, nodes, clock);
                 }
             })
-            .or_insert_with(|| token_bucket(limit, clock));
+            .or_insert_with(|| token_bucket(limit, nodes, clock));
         check_token(&bucket, clock)
     }
 }
 
-fn token_bucket<C: Clock + Clone>(limit: RateLimit, clock: &C) -> TokenBucket<C> {
+fn token_bucket<C: Clock + Clone>(limit: RateLimit, nodes: u32, clock: &C) -> TokenBucket<C> {
     Limit {
         limit,
-        limiter: RateLimiter::direct_with_clock(quota(limit), clock.clone()),
+        nodes,
+        limiter: RateLimiter::direct_with_clock(quota(share(limit, nodes)), clock.clone()),
+    }
+}
+
+fn origin_bucket<C: Clock + Clone>(
+    limit: RateLimit,
+    nodes: u32,
+    clock: &C,
+) -> Limit<Limiter<Probe, PeekState, C>> {
+    Limit {
+        limit,
+        nodes,
+        limiter: RateLimiter::new(
+            quota(share(limit, nodes)),
+            PeekState::default(),
+            clock.clone(),
+        ),
+    }
+}
+
+/// One node's share of a limit: rate and burst divided by `nodes`, rounded up.
+pub fn share(limit: RateLimit, nodes: u32) -> RateLimit {
+    let nodes = nodes.max(1);
+    RateLimit {
+        rate: limit.rate.div_ceil(nodes).max(1),
+        burst: limit.burst.div_ceil(nodes).max(1),
     }
 }
 

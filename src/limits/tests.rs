@@ -277,7 +277,7 @@ fn a_flood_of_unknown_tokens_from_one_ip_tracks_one_ip_and_no_token() {
         if limits.penalized(0, client).is_ok() && limits.failed_auth(0, client).is_ok() {
             allowed += 1;
         }
-        if i % 1000 == 0 {
+        if i.is_multiple_of(1000) {
             clock.advance(Duration::from_millis(100));
         }
     }

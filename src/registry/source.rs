@@ -26,6 +26,8 @@ use super::parse::{parse_token_list, ParseError};
 use crate::config::{CmaAuth, Secret};
 use crate::upstream::HttpClient;
 
+/// How often a tokens file is checked for changes.
+pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Tokens asked for per page (the CMA's maximum).
 pub const PAGE_SIZE: usize = 100;
 /// More pages than this means something is wrong (a million tokens).

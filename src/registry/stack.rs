@@ -370,6 +370,32 @@ impl StackRegistry {
         }))
     }
 
+    /// Installs a registry learned from elsewhere (cluster mode, SPEC §10),
+    /// serialized with syncs and admin revocations: `make` sees the registry
+    /// in force and returns the one to install, or `None` to keep it (a
+    /// version that is not newer). Marks a success synced at `synced_at` and
+    /// queues a snapshot. Returns the registry replaced and the new one;
+    /// revocation is the caller's (through `Shared::apply_change`).
+    pub async fn install_published(
+        &self,
+        synced_at: SystemTime,
+        make: impl FnOnce(Option<&Registry>) -> Option<Registry>,
+    ) -> Option<(Option<Arc<Registry>>, Arc<Registry>)> {
+        let state = self.source.lock().await;
+        let previous = self.view().map(|v| Arc::clone(&v.registry));
+        let registry = Arc::new(make(previous.as_deref())?);
+        self.install(Arc::clone(&registry), Instant::now(), synced_at);
+        {
+            let mut status = self.lock_status();
+            status.last_success = Some(synced_at);
+            status.consecutive_failures = 0;
+            status.last_error = None;
+        }
+        self.queue_snapshot(&registry, synced_at);
+        drop(state);
+        Some((previous, registry))
+    }
+
     /// Hands the registry to the snapshot writer (latest wins).
     fn queue_snapshot(&self, registry: &Arc<Registry>, synced_at: SystemTime) {
         if self.settings.snapshot.is_some() {

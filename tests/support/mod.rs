@@ -5,6 +5,8 @@
 pub mod cma;
 pub mod origin;
 pub mod pki;
+pub mod process;
+pub mod redis_server;
 
 use std::io::Write;
 use std::net::SocketAddr;

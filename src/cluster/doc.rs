@@ -1,0 +1,210 @@
+//! The registry document the poller publishes: what the snapshot holds
+//! (digests, scopes, revoked digests), never a token value. Admin
+//! revocations travel apart, in their own set, so that a revocation from
+//! any node and a publication from the poller never overwrite each other.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::model::{Digest, DigestMap, Registry, Revoked, Scope, Token, TokenKind};
+
+/// The document format this build writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// A published registry, without its version (Redis holds that beside it)
+/// and without admin revocations (their own set).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Doc {
+    format: u32,
+    /// Unix seconds of the poller's sync this came from.
+    pub synced_at: u64,
+    tokens: Vec<DocToken>,
+    revoked: Vec<DocRevoked>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DocToken {
+    uid: String,
+    name: String,
+    scope: Scope,
+    delivery_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    preview_sha256: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DocRevoked {
+    sha256: String,
+    uid: String,
+    kind: TokenKind,
+    at: u64,
+}
+
+/// Why a stored document could not be used (the node keeps what it has).
+#[derive(Debug, thiserror::Error)]
+#[error("registry document: {0}")]
+pub struct DocError(String);
+
+impl Doc {
+    /// The document of `registry` as synced at `synced_at` (unix seconds).
+    pub fn of(registry: &Registry, synced_at: u64) -> Doc {
+        let mut tokens: Vec<DocToken> = registry
+            .tokens()
+            .map(|t| DocToken {
+                uid: t.uid.to_string(),
+                name: t.name.clone(),
+                scope: Scope::clone(&t.scope),
+                delivery_sha256: t.delivery.to_hex(),
+                preview_sha256: t.preview.map(|d| d.to_hex()),
+            })
+            .collect();
+        tokens.sort_by(|a, b| a.uid.cmp(&b.uid));
+        let mut revoked: Vec<DocRevoked> = registry
+            .revoked()
+            .iter()
+            .map(|(digest, r)| DocRevoked {
+                sha256: digest.to_hex(),
+                uid: r.uid.to_string(),
+                kind: r.kind,
+                at: r.at,
+            })
+            .collect();
+        revoked.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        Doc {
+            format: FORMAT,
+            synced_at,
+            tokens,
+            revoked,
+        }
+    }
+
+    /// Parses a stored document.
+    pub fn parse(text: &str) -> Result<Doc, DocError> {
+        let doc: Doc = serde_json::from_str(text).map_err(|e| DocError(e.to_string()))?;
+        if doc.format != FORMAT {
+            return Err(DocError(format!(
+                "format {} (expected {FORMAT})",
+                doc.format
+            )));
+        }
+        Ok(doc)
+    }
+
+    /// The JSON stored in Redis.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The tokens and revoked digests of the document.
+    pub fn parts(&self) -> Result<(Vec<Token>, DigestMap<Revoked>), DocError> {
+        let digest =
+            |hex: &str| Digest::from_hex(hex).ok_or_else(|| DocError("bad digest".to_owned()));
+        let tokens = self
+            .tokens
+            .iter()
+            .map(|t| {
+                Ok(Token {
+                    uid: Arc::from(t.uid.as_str()),
+                    name: t.name.clone(),
+                    scope: Arc::new(t.scope.clone()),
+                    delivery: digest(&t.delivery_sha256)?,
+                    preview: t.preview_sha256.as_deref().map(digest).transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>, DocError>>()?;
+        let mut revoked = DigestMap::default();
+        for r in &self.revoked {
+            revoked.insert(
+                digest(&r.sha256)?,
+                Revoked {
+                    uid: Arc::from(r.uid.as_str()),
+                    kind: r.kind,
+                    at: r.at,
+                },
+            );
+        }
+        Ok((tokens, revoked))
+    }
+}
+
+/// The registry at `version` made of `tokens`, `revoked` and the cluster's
+/// admin set.
+pub fn compose(
+    version: u64,
+    tokens: Vec<Token>,
+    revoked: DigestMap<Revoked>,
+    admin: &BTreeSet<String>,
+) -> Registry {
+    let admin = admin.iter().map(|u| Arc::from(u.as_str())).collect();
+    Registry::from_parts(version, tokens, revoked, admin)
+}
+
+/// Whether two registries hold the same tokens, revoked digests and admin
+/// revocations (their versions aside).
+pub fn same_content(a: &Registry, b: &Registry) -> bool {
+    a.len() == b.len()
+        && a.admin_revoked() == b.admin_revoked()
+        && a.revoked().len() == b.revoked().len()
+        && a.tokens()
+            .all(|t| b.get(&t.uid).is_some_and(|o| **o == **t))
+        && a.revoked().keys().all(|d| b.revoked().contains_key(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::diff::next;
+    use crate::registry::model::Environment;
+
+    fn token(uid: &str, value: &str, preview: Option<&str>) -> Token {
+        Token {
+            uid: Arc::from(uid),
+            name: "n".into(),
+            scope: Arc::new(Scope {
+                environments: vec![Environment {
+                    name: "production".into(),
+                    uid: "e1".into(),
+                }],
+                branches: Some(vec!["main".into()]),
+                aliases: None,
+            }),
+            delivery: Digest::of(value.as_bytes()),
+            preview: preview.map(|p| Digest::of(p.as_bytes())),
+        }
+    }
+
+    #[test]
+    fn a_document_round_trips_digests_only() {
+        let (reg, _) = next(
+            &Registry::default(),
+            vec![
+                token("a", "secret-a", Some("secret-p")),
+                token("b", "secret-b", None),
+            ],
+            5,
+        )
+        .unwrap();
+        let (reg, _) = next(&reg, vec![token("a", "secret-a", Some("secret-p"))], 6).unwrap();
+        let json = Doc::of(&reg, 6).to_json();
+        for value in ["secret-a", "secret-b", "secret-p"] {
+            assert!(!json.contains(value), "{value} in {json}");
+        }
+        let (tokens, revoked) = Doc::parse(&json).unwrap().parts().unwrap();
+        let admin = BTreeSet::from(["a".to_owned()]);
+        let back = compose(9, tokens, revoked, &admin);
+        assert_eq!(back.version(), 9);
+        assert_eq!(back.len(), 1);
+        assert!(back.is_admin_revoked("a"));
+        assert!(!same_content(&back, &reg), "the admin set differs");
+        let plain = compose(
+            9,
+            reg.tokens().map(|t| Token::clone(t)).collect(),
+            reg.revoked().clone(),
+            &BTreeSet::new(),
+        );
+        assert!(same_content(&plain, &reg));
+        assert!(Doc::parse("{\"format\":2,\"synced_at\":0,\"tokens\":[],\"revoked\":[]}").is_err());
+    }
+}
