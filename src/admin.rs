@@ -162,19 +162,28 @@ fn unavailable() -> Response<Body> {
     response::admin_error(StatusCode::SERVICE_UNAVAILABLE, "Shutting down.")
 }
 
+/// The segments of an `/admin/...` path after `/admin`.
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_end_matches('/').split('/').skip(2).collect()
+}
+
+/// `?force=true` (or `1`) on `/admin/sync`.
+fn forced(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "force" && (v == "true" || v == "1"))
+    })
+}
+
 async fn admin(
     shared: &Arc<Shared>,
     method: &Method,
     path: &str,
     query: Option<&str>,
 ) -> Response<Body> {
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
+    let segments = segments(path);
     match (method, segments.as_slice()) {
         (&Method::POST, ["sync"]) => {
-            let force = query.is_some_and(|q| {
-                form_urlencoded::parse(q.as_bytes())
-                    .any(|(k, v)| k == "force" && (v == "true" || v == "1"))
-            });
+            let force = forced(query);
             let mut stacks = BTreeMap::new();
             for stack in shared.stacks.iter() {
                 let report = shared.sync_stack(stack, force).await;
@@ -207,14 +216,11 @@ async fn cluster_admin(
     path: &str,
     query: Option<&str>,
 ) -> Response<Body> {
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
+    let segments = segments(path);
     match (method, segments.as_slice()) {
         (&Method::GET, ["cluster"]) => response::json(StatusCode::OK, &cluster.status()),
         (&Method::POST, ["sync"]) => {
-            let force = query.is_some_and(|q| {
-                form_urlencoded::parse(q.as_bytes())
-                    .any(|(k, v)| k == "force" && (v == "true" || v == "1"))
-            });
+            let force = forced(query);
             response::json(StatusCode::OK, &cluster.sync(force).await)
         }
         (&Method::POST | &Method::DELETE, ["tokens", uid, "revoke"]) => {

@@ -156,24 +156,7 @@ pub fn same_content(a: &Registry, b: &Registry) -> bool {
 mod tests {
     use super::*;
     use crate::registry::diff::next;
-    use crate::registry::model::Environment;
-
-    fn token(uid: &str, value: &str, preview: Option<&str>) -> Token {
-        Token {
-            uid: Arc::from(uid),
-            name: "n".into(),
-            scope: Arc::new(Scope {
-                environments: vec![Environment {
-                    name: "production".into(),
-                    uid: "e1".into(),
-                }],
-                branches: Some(vec!["main".into()]),
-                aliases: None,
-            }),
-            delivery: Digest::of(value.as_bytes()),
-            preview: preview.map(|p| Digest::of(p.as_bytes())),
-        }
-    }
+    use crate::registry::model::tests::token;
 
     #[test]
     fn a_document_round_trips_digests_only() {

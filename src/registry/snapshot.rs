@@ -260,24 +260,8 @@ pub fn age_secs(time: SystemTime) -> u64 {
 mod tests {
     use super::*;
     use crate::registry::diff::next;
-    use crate::registry::model::{Environment, Lookup};
-
-    fn token(uid: &str, value: &str, preview: Option<&str>) -> Token {
-        Token {
-            uid: Arc::from(uid),
-            name: "n".into(),
-            scope: Arc::new(Scope {
-                environments: vec![Environment {
-                    name: "production".into(),
-                    uid: "e1".into(),
-                }],
-                branches: Some(vec!["main".into()]),
-                aliases: None,
-            }),
-            delivery: Digest::of(value.as_bytes()),
-            preview: preview.map(|p| Digest::of(p.as_bytes())),
-        }
-    }
+    use crate::registry::model::tests::token;
+    use crate::registry::model::Lookup;
 
     #[test]
     fn round_trips_without_values_and_with_mode_0600() {
