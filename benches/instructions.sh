@@ -19,6 +19,9 @@
 # (RUST_LOG=warn) unless ACCESS_LOG=on.
 #
 # KEEP=DIR keeps the callgrind files there (for callgrind_annotate).
+# CLUSTER=1 also measures the same binary in cluster mode (a `[cluster]`
+# section, one local redis-server started for the run), in the same run: the
+# request path's cost in cluster mode against standalone.
 #
 # Needs: valgrind, wrk (installed with apt-get when missing), python3, curl.
 set -euo pipefail
@@ -26,6 +29,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 BASE=${BASE:-}
 KEEP=${KEEP:-}
+CLUSTER=${CLUSTER:-}
+PORT_REDIS=${PORT_REDIS:-18384}
 TOKENS=${TOKENS:-1000}
 SECONDS_LOAD=${REQUESTS_SECONDS:-15}
 ACCESS_LOG=${ACCESS_LOG:-off}
@@ -114,13 +119,13 @@ wait_for() {
     return 1
 }
 
-# measure NAME BINARY: prints "NAME instructions-per-request requests"
+# measure NAME BINARY [CONFIG]: prints "NAME instructions-per-request requests"
 measure() {
-    local name=$1 binary=$2 log="$OUT/$1.callgrind"
+    local name=$1 binary=$2 config=${3:-$OUT/stackgate.toml} log="$OUT/$1.callgrind"
     local filter=warn
     [ "$ACCESS_LOG" = on ] && filter=info
     RUST_LOG=$filter valgrind --tool=callgrind --instr-atstart=no \
-        --callgrind-out-file="$log" "$binary" run --config "$OUT/stackgate.toml" \
+        --callgrind-out-file="$log" "$binary" run --config "$config" \
         >"$OUT/$name.out" 2>"$OUT/$name.err" &
     local pid=$!
     wait_for "http://127.0.0.1:$PORT_ADMIN/readyz"
@@ -156,6 +161,14 @@ measure() {
 cargo build --release --locked --bin stackgate >/dev/null
 RESULTS=()
 RESULTS+=("$(measure current target/release/stackgate)")
+if [ -n "$CLUSTER" ]; then
+    command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+    redis-server --bind 127.0.0.1 --port "$PORT_REDIS" --save '' --appendonly no --dir "$OUT" >/dev/null &
+    PIDS+=($!)
+    { cat "$OUT/stackgate.toml"; printf '\n[cluster]\nredis_url_env = "STACKGATE_REDIS_URL"\nnode_id = "bench-1"\n'; } >"$OUT/cluster.toml"
+    export STACKGATE_REDIS_URL="redis://127.0.0.1:$PORT_REDIS"
+    RESULTS+=("$(measure cluster target/release/stackgate "$OUT/cluster.toml")")
+fi
 if [ -n "$BASE" ]; then
     git worktree remove --force "$BASE_TREE" 2>/dev/null || rm -rf "$BASE_TREE"
     git worktree prune
@@ -172,8 +185,12 @@ for line in "${RESULTS[@]}"; do
     # shellcheck disable=SC2086
     printf '%-8s %14s %10s\n' $line
 done
+current=$(echo "${RESULTS[0]}" | awk '{print $2}')
+if [ -n "$CLUSTER" ]; then
+    cluster=$(echo "${RESULTS[1]}" | awk '{print $2}')
+    python3 -c "print(f'cluster/standalone: {$cluster / $current:.3f}')"
+fi
 if [ -n "$BASE" ]; then
-    current=$(echo "${RESULTS[0]}" | awk '{print $2}')
-    base=$(echo "${RESULTS[1]}" | awk '{print $2}')
+    base=$(echo "${RESULTS[-1]}" | awk '{print $2}')
     python3 -c "print(f'current/base ({\"$BASE\"}): {$current / $base:.3f}')"
 fi
