@@ -121,6 +121,7 @@ pub fn build_shared(config: Config) -> Result<Arc<Shared>, StartError> {
     let names = list.iter().map(|s| Arc::clone(&s.name)).collect();
     let stacks = Stacks::new(list);
     Ok(Arc::new(Shared {
+        cma_budget: budget,
         sessions: Sessions::new(metrics.clone(), names),
         limits: crate::limits::Limits::new(&config.stacks),
         config,

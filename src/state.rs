@@ -15,7 +15,7 @@ use crate::decision::Permit;
 use crate::limits::Limits;
 use crate::metrics::{Metrics, RouteDurations, TokenUsage};
 use crate::registry::snapshot::unix_secs;
-use crate::registry::source::SyncError;
+use crate::registry::source::{CmaBudget, SyncError};
 use crate::registry::{Change, Registry, StackRegistry, Stacks, SyncReport};
 use crate::route::Router;
 use crate::sessions::Sessions;
@@ -37,6 +37,9 @@ pub struct Shared {
     pub usage: TokenUsage,
     /// Rate limits (SPEC §6).
     pub limits: Limits,
+    /// The CMA request budget every stack's client spends (shared with the
+    /// other nodes in cluster mode).
+    pub cma_budget: Arc<CmaBudget>,
 }
 
 impl Shared {

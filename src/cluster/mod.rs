@@ -44,7 +44,7 @@ use crate::config::{ClusterSettings, Source as SourceConfig};
 use crate::metrics::ClusterMetrics;
 use crate::registry::diff::Diff;
 use crate::registry::snapshot::unix_secs;
-use crate::registry::source::CMA_REQUESTS_PER_SECOND;
+use crate::registry::source::{SharedBudget, CMA_REQUESTS_PER_SECOND};
 use crate::registry::{Change, Registry, StackRegistry, SyncReport, Token};
 use crate::state::{record_registry, Shared};
 
@@ -149,6 +149,20 @@ fn call_timeout(lease: Duration) -> Duration {
     (lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
+/// The cluster's CMA budget, as the registry's clients spend it: one Redis
+/// slot per page request. Without Redis the node's own budget still applies.
+struct RedisBudget(std::sync::Weak<Cluster>);
+
+impl SharedBudget for RedisBudget {
+    fn take(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if let Some(cluster) = self.0.upgrade() {
+                cluster.take_budget().await;
+            }
+        })
+    }
+}
+
 impl Cluster {
     /// Cluster mode for `shared` (no I/O yet: Redis is reached by [`Cluster::start`]'s tasks).
     pub fn new(
@@ -226,6 +240,10 @@ impl Cluster {
     /// Starts the background tasks: heartbeat, subscriber, and per stack an
     /// apply loop and (for `cma_url` stacks) the lease and poll loop.
     pub fn start(self: &Arc<Self>, tracker: &TaskTracker, shutdown: &CancellationToken) {
+        // Every CMA page request of this node takes a slot of the cluster's
+        // budget too (SPEC §10: 5 GET/s for the whole cluster).
+        let shared_budget = RedisBudget(Arc::downgrade(self));
+        self.shared.cma_budget.share(Arc::new(shared_budget));
         tracker.spawn(Arc::clone(self).heartbeat_loop(shutdown.clone()));
         tracker.spawn(Arc::clone(self).subscriber_loop(shutdown.clone()));
         for (index, state) in self.stacks.iter().enumerate() {
@@ -800,7 +818,8 @@ impl Cluster {
         let Some((stack, state)) = self.stack(index) else {
             return SyncReport::default();
         };
-        self.take_budget().await;
+        // Each page of the sync takes a slot of the cluster's budget (see
+        // `RedisBudget`).
         let report = self.shared.sync_stack(stack, force).await;
         if report.error.is_some() {
             return report;

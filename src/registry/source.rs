@@ -12,7 +12,7 @@
 //! many stacks it serves.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -45,10 +45,29 @@ pub const MAX_PAGE_BYTES: usize = 32 * 1024 * 1024;
 pub const CMA_REQUESTS_PER_SECOND: u32 = 5;
 /// Spaces CMA requests: at most one per `1 / rate` seconds, none before a
 /// `Retry-After` has passed.
-#[derive(Debug)]
+///
+/// In cluster mode the budget is also shared with the other nodes: each
+/// request then takes a slot of a [`SharedBudget`] too (SPEC §10).
 pub struct CmaBudget {
     spacing: Duration,
     next: Mutex<Option<Instant>>,
+    shared: std::sync::OnceLock<Arc<dyn SharedBudget>>,
+}
+
+/// A budget shared beyond this process (the cluster's, in Redis).
+pub trait SharedBudget: Send + Sync {
+    /// Waits for one request's slot; gives up (and so lets the request go,
+    /// within this node's own budget) when the slot cannot be had.
+    fn take(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+}
+
+impl std::fmt::Debug for CmaBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CmaBudget")
+            .field("spacing", &self.spacing)
+            .field("shared", &self.shared.get().is_some())
+            .finish()
+    }
 }
 
 impl CmaBudget {
@@ -57,7 +76,13 @@ impl CmaBudget {
         CmaBudget {
             spacing: Duration::from_secs(1) / per_second.max(1),
             next: Mutex::new(None),
+            shared: std::sync::OnceLock::new(),
         }
+    }
+
+    /// From now on every request also takes a slot of `shared` (once).
+    pub fn share(&self, shared: Arc<dyn SharedBudget>) {
+        let _ = self.shared.set(shared);
     }
 
     /// Waits for the next free slot and takes it.
@@ -70,6 +95,9 @@ impl CmaBudget {
             slot
         };
         tokio::time::sleep_until(slot).await;
+        if let Some(shared) = self.shared.get() {
+            shared.take().await;
+        }
     }
 
     /// Takes no slot before `wait` from now (a 429's `Retry-After`).
@@ -365,5 +393,27 @@ mod tests {
         let before = Instant::now();
         budget.acquire().await;
         assert!(Instant::now() - before >= Duration::from_secs(30));
+    }
+
+    /// Counts the slots taken from it.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl SharedBudget for Counting {
+        fn take(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_budget_is_spent_once_per_request() {
+        let budget = CmaBudget::new(5);
+        budget.acquire().await;
+        let counting = Arc::new(Counting(std::sync::atomic::AtomicUsize::new(0)));
+        budget.share(Arc::clone(&counting) as Arc<dyn SharedBudget>);
+        for _ in 0..3 {
+            budget.acquire().await;
+        }
+        assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 }
