@@ -18,6 +18,10 @@
 # counted are divided by the requests wrk completed. The access log is off
 # (RUST_LOG=warn) unless ACCESS_LOG=on.
 #
+# REQUEST=refused measures a refusal instead: the same request with a token
+# the registry does not hold (401 invalid_token; no rate limits configured,
+# so every answer is that refusal).
+#
 # KEEP=DIR keeps the callgrind files there (for callgrind_annotate).
 #
 # Needs: valgrind, wrk (installed with apt-get when missing), python3, curl.
@@ -29,6 +33,12 @@ KEEP=${KEEP:-}
 TOKENS=${TOKENS:-1000}
 SECONDS_LOAD=${REQUESTS_SECONDS:-15}
 ACCESS_LOG=${ACCESS_LOG:-off}
+REQUEST=${REQUEST:-allowed}
+case "$REQUEST" in
+    allowed) TOKEN_SENT=cs_bench_value_000042 ;;
+    refused) TOKEN_SENT=cs_bench_value_unknown ;;
+    *) echo "REQUEST is allowed or refused" >&2; exit 2 ;;
+esac
 PORT_ORIGIN=${PORT_ORIGIN:-18381}
 PORT_GATEWAY=${PORT_GATEWAY:-18382}
 PORT_ADMIN=${PORT_ADMIN:-18383}
@@ -99,9 +109,9 @@ api_key = "blt_bench_stack"
 [stacks.registry]
 tokens_file = "$OUT/tokens.json"
 EOF
-cat >"$OUT/request.lua" <<'LUA'
+cat >"$OUT/request.lua" <<LUA
 wrk.headers["api_key"] = "blt_bench_stack"
-wrk.headers["access_token"] = "cs_bench_value_000042"
+wrk.headers["access_token"] = "$TOKEN_SENT"
 wrk.path = "/v3/content_types/blog/entries?environment=production&locale=en-us&include[]=author"
 LUA
 
@@ -135,7 +145,11 @@ measure() {
     local requests non200 total
     requests=$(awk '/requests in/ {print $1}' "$OUT/$name.wrk")
     non200=$(awk '/Non-2xx/ {print $NF}' "$OUT/$name.wrk")
-    if [ -n "$non200" ]; then
+    if [ "$REQUEST" = refused ] && [ "${non200:-0}" != "$requests" ]; then
+        echo "$name: only ${non200:-0} of $requests answers were refusals" >&2
+        exit 1
+    fi
+    if [ "$REQUEST" = allowed ] && [ -n "$non200" ]; then
         echo "$name: $non200 answers were not 2xx" >&2
         exit 1
     fi
@@ -157,7 +171,7 @@ if [ -n "$BASE" ]; then
 fi
 
 echo
-echo "instructions per request (callgrind, HTTP/1.1 keep-alive, 4 connections, access log $ACCESS_LOG)"
+echo "instructions per $REQUEST request (callgrind, HTTP/1.1 keep-alive, 4 connections, access log $ACCESS_LOG)"
 printf '%-8s %14s %10s\n' build instructions requests
 for line in "${RESULTS[@]}"; do
     # shellcheck disable=SC2086
