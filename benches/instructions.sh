@@ -67,12 +67,11 @@ import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        body = b'{"entries":[]}'
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        # One write: a head and a body written apart meet Nagle and delayed
+        # ACKs on the gateway's upstream connection (40 ms a request, so
+        # that idle wake-ups would weigh on every request counted).
+        self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: 14\r\n\r\n" + b'{"entries":[]}')
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 PY
