@@ -7,7 +7,8 @@
 //!
 //! - on HTTP/1.1 a session's token *is* its connection's token, so cancelling
 //!   it closes the connection (idle keep-alive ones included) and cuts off any
-//!   response mid-body;
+//!   response mid-body; revocation resets the connection's socket itself
+//!   first ([`SocketHandle`]), so the client need not wait for the task;
 //! - on HTTP/2 a session has its own token, and each stream a child of it, so
 //!   only that token's streams are reset and the connection lives on.
 //!
