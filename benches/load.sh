@@ -15,8 +15,14 @@
 #   of a hyper-based proxy doing nginx's work on this machine (h1, h2c);
 # - stackgate (release build) with a tokens_file of TOKENS (100,000) generated
 #   tokens, one delivery route to the origin, plain (HTTP/1.1 + h2c) and TLS
-#   listeners. Every request carries api_key and a valid access_token (wrk
-#   cycles through TOKEN_SAMPLE tokens spread over the registry; h2load sends one).
+#   listeners. Every request carries api_key and a valid access_token.
+#
+# Token patterns (stackgate's cost depends on them; the other targets ignore
+# the token):
+# - random: each request picks one of TOKEN_SAMPLE (4,096) tokens spread over
+#   the whole registry at random (modes h1, h1-c1, tls);
+# - one: every request of every connection carries the same token, a site's
+#   visitors all using its one delivery token (mode h1-one; h2load in h2c).
 #
 # Pinning (2 cores): the proxy under test (nginx's one worker, or stackgate
 # and the bare proxy, which then run tokio's single-threaded scheduler) on
@@ -26,9 +32,14 @@
 # CPU per request is the user and system time of the proxy process (for
 # "direct", the origin's worker) over the run, divided by the requests served):
 # - h1:      wrk, HTTP/1.1 keep-alive, CONNS (64) connections: throughput, p50, p99
+# - h1-one:  the same with one token for every request
 # - h1-c1:   wrk, one connection, one request at a time: latency without queueing
 # - h2c:     h2load, prior knowledge, H2_CONNS connections x H2_STREAMS streams
 # - tls:     wrk over https (TLS 1.3, self-signed ECDSA P-256), CONNS connections
+#
+# The last table is the yardstick: stackgate's CPU per request (user + sys)
+# and requests/s over the bare floor's (examples/bare_proxy.rs) in the same
+# runs, for each token pattern.
 #
 # All three proxies write an access log line per request (nginx to a file,
 # stackgate and the bare proxy to stderr redirected to a file);
@@ -49,8 +60,8 @@ CONNS=${CONNS:-64}
 H2_CONNS=${H2_CONNS:-16}
 H2_STREAMS=${H2_STREAMS:-4}
 TOKENS=${TOKENS:-100000}
-TOKEN_SAMPLE=${TOKEN_SAMPLE:-256}
-MODES=${MODES:-"h1 h1-c1 h2c tls"}
+TOKEN_SAMPLE=${TOKEN_SAMPLE:-4096}
+MODES=${MODES:-"h1 h1-one h1-c1 h2c tls"}
 ACCESS_LOG=${ACCESS_LOG:-on}
 LIMITS=${LIMITS:-on}
 PROFILE=${PROFILE:-0}
@@ -151,8 +162,8 @@ with open(f"{out}/tokens-small.json", "w") as f:
 LUA = """
 local tokens = {%s}
 local reqs = {}
-local i = 0
 function init(args)
+  math.randomseed(os.time())
   for k, t in ipairs(tokens) do
     wrk.headers["api_key"] = "blt0123456789abcdef"
     wrk.headers["access_token"] = t
@@ -161,8 +172,7 @@ function init(args)
   end
 end
 function request()
-  i = i %% #reqs + 1
-  return reqs[i]
+  return reqs[math.random(#reqs)]
 end
 function done(summary, latency, requests)
   local e = summary.errors
@@ -173,12 +183,14 @@ function done(summary, latency, requests)
 end
 """
 for name, count in (("tokens", n), ("tokens-small", min(n, 1000))):
-    picked = [value((k * count) // sample) for k in range(sample)]
+    picked = [value((k * count) // sample) for k in range(min(sample, count))]
     with open(f"{out}/{name}.lua", "w") as f:
         f.write(LUA % (", ".join('"%s"' % t for t in picked), json.dumps(path)))
     if name == "tokens":
         with open(f"{out}/token", "w") as f:
             f.write(picked[0])
+        with open(f"{out}/one.lua", "w") as f:
+            f.write(LUA % ('"%s"' % picked[0], json.dumps(path)))
 PY
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
@@ -410,16 +422,18 @@ pid_of() { # target: the process whose CPU time is charged to it
 targets_of() {
     case "$1" in
         h1 | h1-c1) echo "direct nginx hyper stackgate" ;;
+        h1-one) echo "nginx hyper stackgate" ;;
         h2c) echo "nginx hyper stackgate" ;;
         *) echo "nginx stackgate" ;;
     esac
 }
 
 run_wrk() { # mode, target, run, seconds -> one RESULT line
-    local conns=$CONNS
+    local conns=$CONNS script=$OUT/tokens.lua
     [[ $1 == h1-c1 ]] && conns=1
+    [[ $1 == h1-one ]] && script=$OUT/one.lua
     timeout $(($4 + 30)) taskset -c "$LOADGEN_CPU" \
-        wrk -t1 -c"$conns" -d"$4"s --timeout 5s -s "$OUT/tokens.lua" "$(url_of "$1" "$2")" |
+        wrk -t1 -c"$conns" -d"$4"s --timeout 5s -s "$script" "$(url_of "$1" "$2")" |
         grep '^RESULT'
 }
 
@@ -529,6 +543,24 @@ for mode in modes:
     print(f"| {mode} | {med('rps', sg) / med('rps', ng):.2f} | "
           f"{med('p99_us', sg) / med('p99_us', ng):.2f} | {added} | {cpu(sg) / cpu(ng):.2f} | {vs_hyper} |")
 print()
+# The yardstick: stackgate against the bare hyper floor in the same runs.
+pattern = {"h1": "random tokens of the registry", "h1-one": "one token for every request",
+           "h1-c1": "random tokens, one connection", "h2c": "one token (h2load)", "tls": "random tokens"}
+print("| mode | token pattern | CPU per request, stackgate / floor | stackgate/floor CPU per request | stackgate/floor requests/s |")
+print("| --- | --- | --- | --- | --- |")
+ratios = []
+for mode in modes:
+    sg, hy = by.get((mode, "stackgate")), by.get((mode, "hyper"))
+    if not (sg and hy):
+        continue
+    cpu = lambda rs: med("user_us", rs) + med("sys_us", rs)
+    print(f"| {mode} | {pattern.get(mode, '')} | {cpu(sg):.1f} / {cpu(hy):.1f} us "
+          f"| {cpu(sg) / cpu(hy):.3f} | {med('rps', sg) / med('rps', hy):.3f} |")
+    ratios.append(f"{mode} {cpu(sg) / cpu(hy):.3f}")
+print()
+if ratios:
+    print("stackgate/floor CPU per request: " + ", ".join(ratios))
+    print()
 per_token = (rss_loaded - rss_small) * 1024 / (tokens - min(tokens, 1000))
 ready_per_token = (rss_ready - rss_small) * 1024 / (tokens - min(tokens, 1000))
 print(f"stackgate RSS: {rss_small / 1024:.1f} MiB with 1,000 tokens (after 3 s of load); with {tokens:,}: "

@@ -124,7 +124,7 @@ max_staleness = "0"
         .env(
             "RUST_LOG",
             std::env::var("BENCH_GATEWAY_LOG")
-                .unwrap_or_else(|_| "warn,stackgate::state=info".into()),
+                .unwrap_or_else(|_| "warn,stackgate::app=info,stackgate::state=info".into()),
         )
         .stderr(Stdio::piped())
         .spawn()
@@ -264,7 +264,17 @@ async fn round(gateway: &Gateway, args: &Args) {
         last = last.max(closed);
     }
     let client_seen = last - started;
-    let server_seen = revocation_sum(&admin(gateway.admin, "GET", "/metrics").await) - before;
+    // The gateway records its measure once the last cancelled connection
+    // task has cleaned up, which may come after the client saw the reset.
+    let mut server_seen = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        server_seen = revocation_sum(&admin(gateway.admin, "GET", "/metrics").await) - before;
+        if server_seen > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     let untouched = AtomicUsize::new(0);
     let mut others = others;

@@ -158,15 +158,71 @@ pub fn status_of(reject: &Reject) -> StatusCode {
     describe(reject).0
 }
 
-/// The response for a rejection.
-pub fn rejection(reject: &Reject) -> Response<Body> {
+/// The JSON body of a rejection.
+fn body_of(reject: &Reject) -> (StatusCode, Bytes) {
     let (status, code, message, errors) = describe(reject);
     let body = json!({
         "error_message": message,
         "error_code": code,
         "errors": errors,
     });
-    let mut response = Response::new(full(body.to_string()));
+    (status, Bytes::from(body.to_string()))
+}
+
+/// How many rejections have a body with no dynamic part (see [`fixed_slot`]).
+const FIXED_BODIES: usize = 21;
+
+/// Where the body of a rejection whose body has no dynamic part is kept, so
+/// that it is built once per reason rather than per refusal (a refused
+/// client can send many). `None` for the bodies that name what the client
+/// sent (a query parameter, a branch).
+fn fixed_slot(reject: &Reject) -> Option<usize> {
+    use Reject::*;
+    Some(match reject {
+        NoRoute => 0,
+        MethodNotAllowed => 1,
+        CredentialInQuery { .. } | BranchOutOfScope { .. } => return None,
+        ManagementCredential => 2,
+        UnknownStack => 3,
+        RegistryUnavailable => 4,
+        RegistryStale => 5,
+        PreviewTokenOnDelivery => 6,
+        TokenRevoked { field } => match *field {
+            "access_token" => 7,
+            "preview_token" => 8,
+            _ => return None,
+        },
+        InvalidToken => 9,
+        InvalidPreviewToken => 10,
+        TokenMismatch => 11,
+        EnvironmentOutOfScope => 12,
+        // The limits go in headers; the body is the same for every one.
+        RateLimited { .. } => 13,
+        BadRequest(self::BadRequest::HeadTooLarge) => 14,
+        BadRequest(self::BadRequest::UrlTooLong) => 15,
+        BadRequest(self::BadRequest::BodyTooLarge) => 16,
+        BadRequest(self::BadRequest::Malformed) => 17,
+        UpstreamError => 18,
+        UpstreamTimeout => 19,
+        UpstreamBusy => 20,
+    })
+}
+
+/// The status and body of a rejection: built once per reason where the body
+/// has no dynamic part.
+fn status_and_body(reject: &Reject) -> (StatusCode, Bytes) {
+    static FIXED: [std::sync::OnceLock<(StatusCode, Bytes)>; FIXED_BODIES] =
+        [const { std::sync::OnceLock::new() }; FIXED_BODIES];
+    match fixed_slot(reject).and_then(|slot| FIXED.get(slot)) {
+        Some(cell) => cell.get_or_init(|| body_of(reject)).clone(),
+        None => body_of(reject),
+    }
+}
+
+/// The response for a rejection.
+pub fn rejection(reject: &Reject) -> Response<Body> {
+    let (status, body) = status_and_body(reject);
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -311,6 +367,68 @@ mod tests {
             body["error_message"],
             "Access denied. You have insufficient permissions to perform operation on this branch 'dev'."
         );
+    }
+
+    #[test]
+    fn bodies_built_once_per_reason_match_fresh_ones() {
+        use crate::reject::BadRequest as Bad;
+        let all = [
+            Reject::NoRoute,
+            Reject::MethodNotAllowed,
+            Reject::CredentialInQuery {
+                param: "access_token".into(),
+            },
+            Reject::ManagementCredential,
+            Reject::UnknownStack,
+            Reject::RegistryUnavailable,
+            Reject::RegistryStale,
+            Reject::PreviewTokenOnDelivery,
+            Reject::TokenRevoked {
+                field: "access_token",
+            },
+            Reject::TokenRevoked {
+                field: "preview_token",
+            },
+            Reject::TokenRevoked { field: "other" },
+            Reject::InvalidToken,
+            Reject::InvalidPreviewToken,
+            Reject::TokenMismatch,
+            Reject::EnvironmentOutOfScope,
+            Reject::BranchOutOfScope {
+                branch: "dev".into(),
+            },
+            Reject::RateLimited {
+                limit: 5,
+                remaining: 0,
+                retry_after_secs: 3,
+            },
+            Reject::RateLimited {
+                limit: 9,
+                remaining: 1,
+                retry_after_secs: 1,
+            },
+            Reject::BadRequest(Bad::HeadTooLarge),
+            Reject::BadRequest(Bad::UrlTooLong),
+            Reject::BadRequest(Bad::BodyTooLarge),
+            Reject::BadRequest(Bad::Malformed),
+            Reject::UpstreamError,
+            Reject::UpstreamTimeout,
+            Reject::UpstreamBusy,
+        ];
+        let mut slots = std::collections::HashMap::new();
+        for reject in &all {
+            // Twice: the second answer comes from the cell the first filled.
+            for _ in 0..2 {
+                assert_eq!(status_and_body(reject), body_of(reject), "{reject:?}");
+            }
+            if let Some(slot) = fixed_slot(reject) {
+                assert!(slot < FIXED_BODIES, "{reject:?}");
+                // One slot, one body: rejections sharing a slot share a body.
+                let body = body_of(reject);
+                assert_eq!(slots.entry(slot).or_insert_with(|| body.clone()), &body);
+            }
+        }
+        assert_eq!(slots.len(), FIXED_BODIES);
     }
 
     #[tokio::test]

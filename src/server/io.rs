@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::framing::Framing;
 use crate::conn::Activity;
+use crate::sessions::SocketHandle;
 
 /// Notes when bytes arrive, so that a head trickling in is timed, and
 /// follows the HTTP/1.1 request stream's framing to find every head with
@@ -26,17 +27,28 @@ use crate::conn::Activity;
 pub struct WatchedIo<T: Abort> {
     inner: T,
     activity: Arc<Activity>,
+    /// Armed with `inner`'s socket while this owns it (see [`SocketHandle`]).
+    socket: Arc<SocketHandle>,
     framing: Framing,
     send: SendTimer,
 }
 
 impl<T: Abort> WatchedIo<T> {
     /// Watches `inner` for the connection whose activity this is; a write
-    /// blocked for `send_timeout` without progress fails.
-    pub fn new(inner: T, activity: Arc<Activity>, send_timeout: Duration) -> Self {
+    /// blocked for `send_timeout` without progress fails. `socket` is armed
+    /// with `inner`'s socket until this is dropped, so that revocation can
+    /// reset it.
+    pub fn new(
+        inner: T,
+        activity: Arc<Activity>,
+        socket: Arc<SocketHandle>,
+        send_timeout: Duration,
+    ) -> Self {
+        socket.arm(inner.raw_fd());
         WatchedIo {
             inner,
             activity,
+            socket,
             framing: Framing::default(),
             send: SendTimer {
                 limit: send_timeout,
@@ -111,6 +123,9 @@ impl<T: AsyncRead + Abort + Unpin> AsyncRead for WatchedIo<T> {
 
 impl<T: Abort> Drop for WatchedIo<T> {
     fn drop(&mut self) {
+        // Before `inner` closes its socket: the number must not be reset
+        // once it may be reused.
+        self.socket.disarm();
         if self.activity.is_abortive() {
             self.inner.abort_on_close();
         }
@@ -122,17 +137,28 @@ impl<T: Abort> Drop for WatchedIo<T> {
 pub trait Abort {
     /// Makes the coming close send RST (`SO_LINGER` 0).
     fn abort_on_close(&self);
+
+    /// The socket's descriptor, for [`SocketHandle::arm`].
+    fn raw_fd(&self) -> std::os::fd::RawFd;
 }
 
 impl Abort for TcpStream {
     fn abort_on_close(&self) {
         let _ = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO));
     }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
 }
 
 impl Abort for tokio_rustls::server::TlsStream<TcpStream> {
     fn abort_on_close(&self) {
         self.get_ref().0.abort_on_close();
+    }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.get_ref().0.raw_fd()
     }
 }
 

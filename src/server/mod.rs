@@ -157,7 +157,13 @@ pub async fn serve_connection<I>(
     let activity = Arc::clone(&info.activity);
     let revoked = info.sessions.cancel.clone();
     let send_timeout = shared.config.server.send_timeout;
-    let io = TokioIo::new(WatchedIo::new(io, Arc::clone(&activity), send_timeout));
+    let socket = Arc::clone(&info.sessions.socket);
+    let io = TokioIo::new(WatchedIo::new(
+        io,
+        Arc::clone(&activity),
+        socket,
+        send_timeout,
+    ));
     let service = {
         let shared = Arc::clone(&shared);
         let info = Arc::clone(&info);

@@ -7,7 +7,8 @@
 //!
 //! - on HTTP/1.1 a session's token *is* its connection's token, so cancelling
 //!   it closes the connection (idle keep-alive ones included) and cuts off any
-//!   response mid-body;
+//!   response mid-body; revocation resets the connection's socket itself
+//!   first ([`SocketHandle`]), so the client need not wait for the task;
 //! - on HTTP/2 a session has its own token, and each stream a child of it, so
 //!   only that token's streams are reset and the connection lives on.
 //!
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::decision::{Permit, SessionKind};
 use crate::metrics::Metrics;
 use crate::registry::Token;
+pub use socket::SocketHandle;
 
 /// Distinct (environment, branch) uses remembered per HTTP/1.1 session; a
 /// client cycling through more (a `$all` token) is treated as using all.
@@ -100,6 +102,8 @@ struct Session {
     kind: SessionKind,
     /// On HTTP/1.1 the connection's own token.
     cancel: CancellationToken,
+    /// On HTTP/1.1 the connection's socket, which revocation resets itself.
+    socket: Option<Arc<SocketHandle>>,
     closes_connection: bool,
     /// Distinct uses seen on an HTTP/1.1 session (a keep-alive connection
     /// must close if any of them is no longer covered).
@@ -166,6 +170,8 @@ pub struct Sessions {
 pub struct ConnSessions {
     /// Cancelling this closes the connection.
     pub cancel: CancellationToken,
+    /// The connection's socket: revoking an HTTP/1.1 session resets it.
+    pub socket: Arc<SocketHandle>,
     sessions: Arc<Sessions>,
     open: Mutex<Open>,
 }
@@ -234,6 +240,7 @@ impl Sessions {
     pub fn connection(self: &Arc<Self>) -> ConnSessions {
         ConnSessions {
             cancel: CancellationToken::new(),
+            socket: Arc::default(),
             sessions: Arc::clone(self),
             open: Mutex::new(Open::default()),
         }
@@ -286,6 +293,7 @@ impl Sessions {
                     Session {
                         kind: permit.session,
                         cancel,
+                        socket: (!http2).then(|| Arc::clone(&conn.socket)),
                         closes_connection: !http2,
                         used: Vec::new(),
                         used_overflow: false,
@@ -428,5 +436,6 @@ impl Drop for Stream {
 }
 
 mod revoke;
+mod socket;
 #[cfg(test)]
 mod tests;

@@ -82,7 +82,7 @@ impl Sessions {
                     if session.tracker.is_none() && hit {
                         tracker.remaining.fetch_add(1, Ordering::AcqRel);
                         session.tracker = Some(Arc::clone(tracker));
-                        to_cancel.push(session.cancel.clone());
+                        to_cancel.push((session.cancel.clone(), session.socket.clone()));
                     }
                     continue;
                 }
@@ -90,7 +90,7 @@ impl Sessions {
                     if inflight.tracker.is_none() && ending.hits(kind, &inflight.usage) {
                         tracker.remaining.fetch_add(1, Ordering::AcqRel);
                         inflight.tracker = Some(Arc::clone(tracker));
-                        to_cancel.push(inflight.cancel.clone());
+                        to_cancel.push((inflight.cancel.clone(), None));
                     }
                 }
                 // The connection stays up for other tokens; this token's
@@ -104,7 +104,17 @@ impl Sessions {
             self.remove_if_empty(&key);
         }
         let cancelled = to_cancel.len();
-        for cancel in to_cancel {
+        // An HTTP/1.1 session's socket is reset here, so that the client
+        // sees the close now rather than once its connection task has been
+        // scheduled. All of them first: woken tasks cleaning up on another
+        // worker would contend with the resets for the descriptor table.
+        // The tasks, woken by their tokens, then only clean up.
+        for (_, socket) in &to_cancel {
+            if let Some(socket) = socket {
+                socket.abort();
+            }
+        }
+        for (cancel, _) in to_cancel {
             cancel.cancel();
         }
         if cancelled > 0 {
