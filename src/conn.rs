@@ -5,13 +5,21 @@
 //! The listener ([`crate::server`]) creates a [`ConnInfo`] per connection and
 //! reads the activity for its timeouts; the request path marks requests in
 //! flight with [`Activity::begin`]. Neither imports the other.
+//!
+//! An HTTP/2 stream runs as a task of its own, spawned by [`StreamExecutor`],
+//! which knows the stream's reset signal ([`reset_stream_on`]): once that is
+//! cancelled (a revocation, or `send_timeout`), the task is dropped, and with
+//! it the stream (RST_STREAM), what it had queued, and its upstream body.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::sessions::ConnSessions;
 
@@ -55,8 +63,17 @@ pub struct Activity {
     smuggled: AtomicBool,
     /// Close with a reset rather than a FIN: the connection was revoked.
     abortive: AtomicBool,
-    /// HTTP/2 response bodies in flight, each with [`SendClock`]'s value.
-    sends: std::sync::Mutex<Vec<std::sync::Weak<AtomicU64>>>,
+    /// HTTP/2 response bodies in flight, each with [`SendClock`]'s state.
+    sends: std::sync::Mutex<Vec<std::sync::Weak<SendState>>>,
+}
+
+/// What the watchdog reads of one HTTP/2 response body.
+struct SendState {
+    /// 1 + milliseconds after the connection's start when the body handed a
+    /// frame that the server has not come back for, or 0.
+    handed_at: AtomicU64,
+    /// Resets the body's stream.
+    reset: CancellationToken,
 }
 
 /// Whether an HTTP/2 response body is waiting for the client to take what
@@ -64,7 +81,7 @@ pub struct Activity {
 /// handed a frame that the server has not come back for, or 0. (The server
 /// does not ask a body for more while the stream has no window.)
 pub struct SendClock {
-    handed_at: Arc<AtomicU64>,
+    send: Arc<SendState>,
     activity: Arc<Activity>,
 }
 
@@ -73,7 +90,7 @@ impl SendClock {
     /// or is done (`false`).
     pub fn handed(&self, frame: bool) {
         let at = if frame { self.activity.now_ms() + 1 } else { 0 };
-        self.handed_at.store(at, Ordering::Release);
+        self.send.handed_at.store(at, Ordering::Release);
     }
 }
 
@@ -103,31 +120,38 @@ impl Activity {
         })
     }
 
-    /// A clock for an HTTP/2 response body, watched by [`Activity::send_stalled`].
-    pub fn send_clock(self: &Arc<Self>) -> SendClock {
-        let handed_at = Arc::new(AtomicU64::new(0));
+    /// A clock for an HTTP/2 response body whose stream `reset` resets,
+    /// watched by [`Activity::reset_stalled`].
+    pub fn send_clock(self: &Arc<Self>, reset: CancellationToken) -> SendClock {
+        let send = Arc::new(SendState {
+            handed_at: AtomicU64::new(0),
+            reset,
+        });
         let mut sends = self.sends.lock().unwrap_or_else(|p| p.into_inner());
         sends.retain(|clock| clock.strong_count() > 0);
-        sends.push(Arc::downgrade(&handed_at));
+        sends.push(Arc::downgrade(&send));
         SendClock {
-            handed_at,
+            send,
             activity: Arc::clone(self),
         }
     }
 
-    /// Whether an HTTP/2 response body has waited longer than `limit` for
-    /// the client to take a frame it was handed (`send_timeout`).
-    pub fn send_stalled(&self, limit: Duration) -> bool {
+    /// Resets every HTTP/2 stream whose body has waited longer than `limit`
+    /// for the client to take a frame it was handed (`send_timeout`); the
+    /// connection and its other streams go on. Returns how many were reset.
+    pub fn reset_stalled(&self, limit: Duration) -> usize {
         let now = self.now_ms();
         let limit = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
         let sends = self.sends.lock().unwrap_or_else(|p| p.into_inner());
-        sends
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .any(|clock| {
-                let at = clock.load(Ordering::Acquire);
-                at != 0 && now.saturating_sub(at - 1) > limit
-            })
+        let mut reset = 0;
+        for send in sends.iter().filter_map(std::sync::Weak::upgrade) {
+            let at = send.handed_at.load(Ordering::Acquire);
+            if at != 0 && now.saturating_sub(at - 1) > limit && !send.reset.is_cancelled() {
+                send.reset.cancel();
+                reset += 1;
+            }
+        }
+        reset
     }
 
     fn now_ms(&self) -> u64 {
@@ -203,5 +227,69 @@ impl Drop for ActivityGuard {
             .idle_since
             .store(activity.now_ms(), Ordering::Release);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+tokio::task_local! {
+    /// The HTTP/2 stream whose task is being polled.
+    static STREAM: Arc<StreamSlot>;
+}
+
+/// What a stream's task knows of the request it serves.
+#[derive(Default)]
+struct StreamSlot {
+    reset: OnceLock<CancellationToken>,
+}
+
+/// Resets the HTTP/2 stream being served, if this is one, once `cancel` is
+/// cancelled, even while hyper waits for window and does not poll its body.
+/// On HTTP/1.1 it does nothing (the connection task watches its session).
+pub fn reset_stream_on(cancel: &CancellationToken) {
+    let _ = STREAM.try_with(|slot| slot.reset.set(cancel.clone()));
+}
+
+/// The executor hyper spawns each HTTP/2 stream's task with. Each task runs
+/// with its own [`StreamSlot`], and is dropped as soon as the slot's reset
+/// token is cancelled: h2 then resets the stream (RST_STREAM CANCEL) and
+/// drops what it had queued for it, and the response body (with its upstream
+/// connection, session and activity guards) goes with the task.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamExecutor;
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let slot = Arc::new(StreamSlot::default());
+        let task = STREAM.scope(Arc::clone(&slot), stream);
+        tokio::spawn(async move {
+            tokio::pin!(task);
+            let mut reset = None;
+            std::future::poll_fn(|cx| {
+                // The reset first: once cancelled, not one more frame goes out.
+                if let Some(reset) = reset.as_mut() {
+                    if Future::poll(std::pin::Pin::as_mut(reset), cx).is_ready() {
+                        return Poll::Ready(());
+                    }
+                }
+                if task.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                // Set while the task was polled, once its request was permitted.
+                if reset.is_none() {
+                    if let Some(token) = slot.reset.get() {
+                        let mut cancelled = Box::pin(token.clone().cancelled_owned());
+                        if cancelled.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(());
+                        }
+                        reset = Some(cancelled);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+        });
     }
 }

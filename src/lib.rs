@@ -16,7 +16,8 @@
 //! - [`canonical`]: one reading of a request: spellings, hosts, query, path.
 //! - [`decision`]: the decision table of SPEC §3 as pure functions.
 //! - [`sessions`]: live sessions per token, and revocation.
-//! - [`conn`]: what a client connection knows (peer, sessions, activity).
+//! - [`conn`]: what a client connection knows (peer, sessions, activity), and
+//!   the executor that runs each HTTP/2 stream as a task a reset can drop.
 //! - [`limits`]: rate limits (SPEC §6): per token, per stack origin, and
 //!   failed authentications per client IP.
 //! - [`metrics`]: the Prometheus metrics of SPEC §7.

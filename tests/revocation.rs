@@ -256,6 +256,66 @@ async fn http2_resets_only_the_revoked_tokens_streams() {
     assert_eq!(w.gateway.shared.sessions.live(0, "blt_prod"), 0);
 }
 
+/// A revoked HTTP/2 stream is reset at once even while its client's window
+/// is shut (hyper does not come back to a body without window, so the reset
+/// cannot wait for the body to be asked for more), and nothing it had queued
+/// goes out later.
+#[tokio::test]
+async fn http2_a_revoked_stream_with_its_window_shut_is_reset_at_once() {
+    let w = world().await;
+    let stream = TcpStream::connect(w.gateway.http).await.unwrap();
+    let (mut h2, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .initial_connection_window_size(8 * 1024 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let big = Request::get("http://cdn.test/big?bytes=67108864")
+        .header("api_key", API_KEY)
+        .header("access_token", PROD)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = h2.send_request(big).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut taken = 0;
+    while taken == 0 {
+        let frame = body.frame().await.unwrap().unwrap();
+        taken += frame.data_ref().map_or(0, Bytes::len);
+    }
+    // Read no more: the window stays shut (send_timeout is 60 s).
+
+    w.sync_to(without_prod()).await;
+    w.origin.wait_for_big_aborted(1).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => taken += frame.data_ref().map_or(0, Bytes::len),
+                Some(Err(err)) => return Some(err),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the revoked stream stayed open");
+    let err = ended.expect("the revoked stream ended as if complete");
+    assert!(format!("{err:?}").contains("CANCEL"), "{err:?}");
+    assert!(taken <= 64 * 1024, "{taken} bytes went out");
+
+    // The connection goes on for the other tokens.
+    let staging = Request::get("http://cdn.test/v3/after")
+        .header("api_key", API_KEY)
+        .header("access_token", STAGING)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        read(h2.send_request(staging).await.unwrap()).await.status,
+        200
+    );
+}
+
 #[tokio::test]
 async fn deleting_only_the_preview_token_leaves_delivery_sessions_alone() {
     let w = world().await;

@@ -319,10 +319,12 @@ async fn a_client_that_stops_reading_is_cut_after_send_timeout() {
 }
 
 /// The same over HTTP/2: a stream whose client takes nothing (its window
-/// stays shut) ends its connection after `send_timeout`, while a client that
-/// reads is not bothered.
+/// stays shut) is reset after `send_timeout`, and its session and upstream
+/// connection are released, while the connection and its other streams go
+/// on: hyper asks a body for nothing while its stream has no window, so the
+/// reset comes from outside the body.
 #[tokio::test]
-async fn an_http2_client_that_stops_reading_is_cut_after_send_timeout() {
+async fn an_http2_stream_whose_client_stops_reading_is_reset_after_send_timeout() {
     use http_body_util::BodyExt;
     const SIZE: usize = 64 * 1024 * 1024;
     let origin = origin::spawn_origin().await;
@@ -330,44 +332,68 @@ async fn an_http2_client_that_stops_reading_is_cut_after_send_timeout() {
     let (gw, _cma) = gateway_to(&origin.url(), extra).await;
 
     let stream = TcpStream::connect(gw.http).await.unwrap();
+    // A small stream window and a large connection window: the stalled
+    // stream cannot block the others.
     let (mut sender, connection) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .initial_stream_window_size(16 * 1024)
-            .initial_connection_window_size(16 * 1024)
+            .initial_connection_window_size(8 * 1024 * 1024)
             .handshake(TokioIo::new(stream))
             .await
             .unwrap();
-    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    let (closed_tx, mut closed) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let _ = connection.await;
         let _ = closed_tx.send(());
     });
-    let request = http::Request::get(format!("http://cdn.test/big?bytes={SIZE}"))
-        .header("api_key", API_KEY)
-        .header("access_token", PROD)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
+    let big = |bytes: usize| {
+        http::Request::get(format!("http://cdn.test/big?bytes={bytes}"))
+            .header("api_key", API_KEY)
+            .header("access_token", PROD)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let response = sender.send_request(big(SIZE)).await.unwrap();
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
-    assert!(body.frame().await.unwrap().is_ok(), "the body started");
-    // Read no more: the window stays shut.
-    tokio::time::timeout(std::time::Duration::from_secs(10), closed)
+    let mut taken = body
+        .frame()
         .await
-        .expect("the stalled HTTP/2 connection stayed open")
-        .unwrap();
-    wait_until("the stalled stream's session released", || {
-        gw.shared.sessions.live(0, "blt_prod") == 0
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap()
+        .len();
+    // Read no more: the stream's window stays shut. Its upstream body is
+    // dropped mid-way, so its connection is closed, not pooled.
+    origin.wait_for_big_aborted(1).await;
+    assert_eq!(
+        gw.shared.h1pool.idle(),
+        0,
+        "a cut-off upstream connection went back to the pool"
+    );
+    // What was in flight can still be read; then the stream ends in a reset.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => taken += frame.into_data().map_or(0, |d| d.len()),
+                Some(Err(err)) => return Some(err),
+                None => return None,
+            }
+        }
     })
-    .await;
+    .await
+    .expect("the stalled stream stayed open");
+    let err = ended.expect("the stalled stream ended as if complete");
+    assert!(format!("{err:?}").contains("CANCEL"), "{err:?}");
+    assert!(taken < SIZE, "the whole response was sent ({taken} bytes)");
 
-    // A client that reads a large response through is not cut.
-    let mut reader = h2c(gw.http).await;
-    let request = http::Request::get("http://cdn.test/big?bytes=4194304")
-        .header("api_key", API_KEY)
-        .header("access_token", PROD)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let reply = read(reader.send_request(request).await.unwrap()).await;
+    // The connection lives on, and a stream that reads is not cut.
+    let reply = read(sender.send_request(big(4 * 1024 * 1024)).await.unwrap()).await;
+    assert_eq!(reply.status, 200);
     assert_eq!(reply.body.len(), 4 * 1024 * 1024);
+    assert!(
+        closed.try_recv().is_err(),
+        "the connection closed with its stalled stream"
+    );
 }

@@ -1,6 +1,9 @@
 //! The response body wrapper: a forwarded body ends in an error the moment
-//! its session is revoked or its upstream falls silent too long, and holds
-//! the request's session and activity guards until it is done.
+//! its upstream falls silent too long, tells the connection's watchdog when
+//! an HTTP/2 client takes nothing (`send_timeout`), and holds the request's
+//! session and activity guards until it is done. (A revoked HTTP/2 stream is
+//! reset by dropping its task, see [`crate::conn::StreamExecutor`]; a revoked
+//! HTTP/1.1 session closes its connection.)
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +12,6 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Instant;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::conn::{ActivityGuard, SendClock};
 use crate::response::BoxError;
@@ -18,20 +20,17 @@ use crate::sessions::RequestGuard;
 /// Why a request was aborted without a response.
 #[derive(Debug, thiserror::Error)]
 pub enum Aborted {
-    #[error("session revoked")]
-    Revoked,
     #[error("client body: {0}")]
     ClientBody(String),
     #[error("upstream body stalled longer than request_timeout")]
     UpstreamStalled,
 }
 
-/// A response body that ends in an error the moment its HTTP/2 stream is
-/// revoked or its upstream falls silent too long, and that holds the
-/// request's session and activity guards until it is done.
+/// A response body that ends in an error the moment its upstream falls
+/// silent too long, and that holds the request's session and activity guards
+/// until it is done.
 pub struct Tracked<B> {
     inner: B,
-    cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     stall: Option<Stall>,
     /// HTTP/2 only: tells the connection's watchdog when a handed frame is
     /// not taken (`send_timeout`).
@@ -76,23 +75,20 @@ impl<B> Tracked<B> {
         activity: Option<ActivityGuard>,
         stall: Option<std::time::Duration>,
     ) -> Self {
-        let cancel = session
-            .as_ref()
-            .and_then(RequestGuard::cancel)
-            .map(|cancel| Box::pin(cancel.clone().cancelled_owned()));
+        let token = session.as_ref().and_then(RequestGuard::cancel);
+        // A forwarded HTTP/2 body (its stream can be cancelled) is watched;
+        // a stall resets its stream as a revocation would.
+        let send = match (token, &activity) {
+            (Some(token), Some(activity)) => Some(activity.activity().send_clock(token.clone())),
+            _ => None,
+        };
         let stall = stall.map(|limit| Stall {
             limit,
             timer: None,
             progressed: false,
         });
-        // A forwarded HTTP/2 body (its stream can be cancelled) is watched.
-        let send = match (&cancel, &activity) {
-            (Some(_), Some(activity)) => Some(activity.activity().send_clock()),
-            _ => None,
-        };
         Tracked {
             inner,
-            cancel,
             stall,
             send,
             _session: session,
@@ -113,11 +109,6 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(cancel) = self.cancel.as_mut() {
-            if cancel.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Some(Err(Box::new(Aborted::Revoked))));
-            }
-        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if let Some(stall) = self.stall.as_mut() {

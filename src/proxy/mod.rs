@@ -296,16 +296,13 @@ async fn forward(
                 .map_err(UpstreamFailure::H1)
         }
     });
-    // An HTTP/2 stream is reset on its own; on HTTP/1.1 the connection task
-    // drops the whole connection, this future with it.
-    let answer = match guard.cancel() {
-        Some(cancel) => tokio::select! {
-            biased;
-            () = cancel.cancelled() => return aborted(&mut line, Aborted::Revoked),
-            answer = call => answer,
-        },
-        None => call.await,
-    };
+    // A revoked HTTP/2 stream is reset on its own: its task is dropped once
+    // the request's token is cancelled, this future with it, whatever hyper
+    // is waiting for. On HTTP/1.1 the connection task drops the connection.
+    if let Some(cancel) = guard.cancel() {
+        crate::conn::reset_stream_on(cancel);
+    }
+    let answer = call.await;
     let kind = permit.route.kind;
     let (upstream, lease) = match answer {
         Ok(Ok(answered)) => answered,

@@ -5,8 +5,11 @@
 //! its session token (a revoked HTTP/1.1 session closes the connection at
 //! once), the shutdown token (drain gracefully), and a watchdog that enforces
 //! `header_timeout` (a head must arrive in time: slowloris) and `idle_timeout`
-//! (a keep-alive connection with nothing in flight). Hyper's own header timer
-//! is not used because it also cuts idle keep-alive connections short.
+//! (a keep-alive connection with nothing in flight), and resets HTTP/2
+//! streams whose client took nothing for `send_timeout`. Hyper's own header
+//! timer is not used because it also cuts idle keep-alive connections short.
+//! HTTP/2 streams run as tasks of [`StreamExecutor`], which a revocation or
+//! a stalled send resets one by one.
 //!
 //! - [`io`]: the watched socket (activity, head scanning, abortive close).
 //! - [`framing`]: follows a request stream's framing to find smuggling shapes.
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -32,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::conn::ConnInfo;
+use crate::conn::{ConnInfo, StreamExecutor};
 use crate::decision::MAX_HEAD_BYTES;
 use crate::proxy;
 use crate::state::Shared;
@@ -44,8 +47,8 @@ pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 pub const H2_MAX_PENDING_RESETS: usize = 20;
 
 /// The hyper connection builder used for every client connection.
-pub fn http_builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+pub fn http_builder() -> auto::Builder<StreamExecutor> {
+    let mut builder = auto::Builder::new(StreamExecutor);
     builder
         .http1()
         .max_buf_size(MAX_HEAD_BYTES)
@@ -146,7 +149,7 @@ fn set_keepalive(stream: &tokio::net::TcpStream) {
 pub async fn serve_connection<I>(
     io: I,
     info: ConnInfo,
-    http: &auto::Builder<TokioExecutor>,
+    http: &auto::Builder<StreamExecutor>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) where
@@ -215,12 +218,11 @@ pub async fn serve_connection<I>(
                     tracing::debug!(%peer, "connection closed: header or idle timeout");
                     break;
                 }
-                // An HTTP/2 stream whose client takes nothing: hyper does not
-                // ask a body for more without window, so the stream alone
-                // cannot be reset from here; the connection goes.
-                if activity.send_stalled(send_timeout) {
-                    tracing::debug!(%peer, "connection closed: an HTTP/2 stream took nothing for send_timeout");
-                    break;
+                // HTTP/2 streams whose client took nothing for `send_timeout`
+                // are reset; the connection and its other streams go on.
+                let reset = activity.reset_stalled(send_timeout);
+                if reset > 0 {
+                    tracing::debug!(%peer, streams = reset, "HTTP/2 streams reset: the client took nothing for send_timeout");
                 }
                 watchdog.as_mut().reset(next_check(now));
             }

@@ -76,6 +76,8 @@ struct State {
     streams: StreamStats,
     /// TCP connections accepted.
     connections: usize,
+    /// `/big` bodies dropped before their last byte.
+    big_aborted: usize,
 }
 
 struct Shared {
@@ -152,6 +154,14 @@ impl Origin {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.read(|s| s.connections)
+    }
+
+    /// Waits until at least `n` `/big` bodies were dropped before their
+    /// end (their connection closed); panics after 10 s.
+    pub async fn wait_for_big_aborted(&self, n: usize) {
+        self.shared
+            .wait_until(&format!("{n} aborted /big bodies"), |s| s.big_aborted >= n)
+            .await;
     }
 
     /// The last request recorded, if any.
@@ -337,7 +347,10 @@ async fn handle(
         return Err("fake origin: /reset drops the connection".into());
     } else if path == "/big" {
         let bytes = param(q, "bytes").unwrap_or(0);
-        let mut response = Response::new(OriginBody::Repeat { remaining: bytes });
+        let mut response = Response::new(OriginBody::Repeat {
+            remaining: bytes,
+            shared: Arc::clone(&shared),
+        });
         response.headers_mut().insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
@@ -432,7 +445,17 @@ fn json_str(s: &str) -> String {
 enum OriginBody {
     Full(Option<Bytes>),
     Channel(mpsc::Receiver<Bytes>),
-    Repeat { remaining: u64 },
+    Repeat { remaining: u64, shared: Arc<Shared> },
+}
+
+impl Drop for OriginBody {
+    fn drop(&mut self) {
+        if let OriginBody::Repeat { remaining, shared } = self {
+            if *remaining > 0 {
+                shared.update(|s| s.big_aborted += 1);
+            }
+        }
+    }
 }
 
 impl Body for OriginBody {
@@ -448,7 +471,7 @@ impl Body for OriginBody {
             OriginBody::Channel(rx) => rx
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
-            OriginBody::Repeat { remaining } => {
+            OriginBody::Repeat { remaining, .. } => {
                 if *remaining == 0 {
                     return Poll::Ready(None);
                 }
@@ -464,7 +487,7 @@ impl Body for OriginBody {
         match self {
             OriginBody::Full(bytes) => bytes.is_none(),
             OriginBody::Channel(_) => false,
-            OriginBody::Repeat { remaining } => *remaining == 0,
+            OriginBody::Repeat { remaining, .. } => *remaining == 0,
         }
     }
 
@@ -474,7 +497,7 @@ impl Body for OriginBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             OriginBody::Channel(_) => SizeHint::default(),
-            OriginBody::Repeat { remaining } => SizeHint::with_exact(*remaining),
+            OriginBody::Repeat { remaining, .. } => SizeHint::with_exact(*remaining),
         }
     }
 }
