@@ -18,7 +18,7 @@
 # during which the file is replaced (write elsewhere, rename into place)
 # every RELOAD_EVERY (2) seconds by one alternating in a token's name, so
 # each reload is read, hashed, parsed, diffed and built into a new registry
-# of 100,000 tokens. The goal (issue 17): reload p99 within 2x steady p99.
+# of 100,000 tokens. The goal: reload p99 within 2x steady p99.
 #
 # Needs: nginx, wrk (installed with apt-get when missing), python3, curl,
 # taskset, cargo.

@@ -162,21 +162,35 @@ pub struct QueryRead<'a> {
 /// as the name (rows 3 and 13 decide on them).
 pub fn read_query(query: &str) -> Result<QueryRead<'_>, Ambiguity> {
     let mut read = QueryRead::default();
-    for pair in query.split('&') {
-        let mut encoded = false;
-        for &byte in pair.as_bytes() {
+    let bytes = query.as_bytes();
+    let mut start = 0;
+    // The pairs `query.split('&')` yields, each read in one pass over its
+    // bytes: where it ends, its first `=`, whether it needs decoding.
+    while start <= bytes.len() {
+        let (mut end, mut equals, mut encoded) = (start, None, false);
+        while let Some(&byte) = bytes.get(end) {
             match byte {
+                b'&' => break,
                 b';' => return Err(Ambiguity::Query),
+                b'=' if equals.is_none() => equals = Some(end),
                 b'%' | b'+' => encoded = true,
                 _ => {}
             }
+            end += 1;
         }
+        let (pair, pair_start) = (&query[start..end], start);
+        start = end + 1;
         let (key, value) = if encoded {
             let parsed = form_urlencoded::parse(pair.as_bytes()).next();
             parsed.unwrap_or_default()
         } else {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (Cow::Borrowed(key), Cow::Borrowed(value))
+            match equals {
+                Some(at) => (
+                    Cow::Borrowed(&query[pair_start..at]),
+                    Cow::Borrowed(&query[at + 1..end]),
+                ),
+                None => (Cow::Borrowed(pair), Cow::Borrowed("")),
+            }
         };
         match scoped_name(&key)? {
             Some("environment") => read.environments.push(value),
@@ -192,8 +206,12 @@ pub fn read_query(query: &str) -> Result<QueryRead<'_>, Ambiguity> {
 /// Which credential or scope name a query key is, if any: `Err` for a
 /// bracketed or hyphen form of one, or for `branch`.
 fn scoped_name(key: &str) -> Result<Option<&'static str>, Ambiguity> {
+    // Most keys are none of them, and their first byte tells.
+    let first = key.as_bytes().first().map_or(0, u8::to_ascii_lowercase);
+    if !SCOPED_PARAMS.iter().any(|p| p.as_bytes()[0] == first) {
+        return Ok(None);
+    }
     let base = key.split_once('[').map_or(key, |(base, _)| base);
-    let first = base.as_bytes().first().map_or(0, u8::to_ascii_lowercase);
     let Some(name) = SCOPED_PARAMS
         .iter()
         .find(|p| p.len() == base.len() && p.as_bytes()[0] == first && lenient_eq(base, p))

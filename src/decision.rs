@@ -55,10 +55,11 @@ pub struct Permit<'a> {
     pub stack: &'a Arc<StackRegistry>,
     pub token: Arc<Token>,
     pub session: SessionKind,
-    /// The `environment` query values the request gave (all in scope).
-    pub environments: Vec<String>,
+    /// The `environment` values the request gave, query then header (all
+    /// in scope).
+    pub environments: Vec<Cow<'a, str>>,
     /// The branch or alias it reads (`main` when none was given).
-    pub branch: String,
+    pub branch: Cow<'a, str>,
     /// The version of the registry that decided it (see [`recheck`]).
     pub version: u64,
 }
@@ -211,14 +212,14 @@ pub fn decide<'a>(
     parts: &'a Parts,
     now: Instant,
 ) -> Decision<'a> {
-    let host = parts.uri.authority().map(|a| a.as_str()).or_else(|| {
-        parts
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-    });
+    let headers = Read::of(&parts.headers);
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.host.and_then(|h| h.to_str().ok()));
     // Row 16's query rules, read in the one pass rows 3 and 13 need.
-    let environment_header = parts.headers.get(ENVIRONMENT);
+    let environment_header = headers.environment;
     let query = match read_query(parts.uri.query(), environment_header) {
         Ok(query) => query,
         Err(_) => return refuse(Reject::BadRequest(BadRequest::Malformed), None, None, None),
@@ -247,25 +248,19 @@ pub fn decide<'a>(
     // Row 13's values: the query's (any case: whether Contentstack would
     // read `Environment` is not ours to guess, and a refusal is the safe side
     // of that doubt), and the `environment` header some SDKs send.
-    let mut environments: Vec<String> = query
-        .environments
-        .into_iter()
-        .map(Cow::into_owned)
-        .collect();
+    let mut environments = query.environments;
     if let Some(value) = environment_header {
-        environments.push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        environments.push(String::from_utf8_lossy(value.as_bytes()));
     }
     // Row 4.
-    if parts.headers.contains_key(http::header::AUTHORIZATION)
-        || parts.headers.contains_key(AUTHTOKEN)
-    {
+    if headers.management {
         return refuse_here(Reject::ManagementCredential);
     }
     // Row 5.
     let api_key = if route.kind.api_key_in_path() {
         api_key_from_path(&path)
     } else {
-        parts.headers.get(API_KEY).and_then(|v| v.to_str().ok())
+        headers.api_key.and_then(|v| v.to_str().ok())
     };
     let Some(stack) = api_key.and_then(|key| stacks.by_api_key(key.trim())) else {
         return refuse_here(Reject::UnknownStack);
@@ -287,8 +282,8 @@ pub fn decide<'a>(
         return refuse_stack(Reject::RegistryStale, None);
     }
     let registry = &view.registry;
-    let access = credential(&parts.headers, &ACCESS_TOKEN);
-    let preview = credential(&parts.headers, &PREVIEW_TOKEN);
+    let access = credential(headers.access_token);
+    let preview = credential(headers.preview_token);
     let lookup = |value: &[u8]| registry.lookup(&Digest::of(value));
 
     let (token, session) = if route.kind.is_preview() {
@@ -357,12 +352,20 @@ pub fn decide<'a>(
         return refuse_stack(Reject::EnvironmentOutOfScope, Some(token));
     }
     // Row 14.
-    let branch = match parts.headers.get(BRANCH) {
-        None => DEFAULT_BRANCH.to_owned(),
-        Some(value) => String::from_utf8_lossy(value.as_bytes()).trim().to_owned(),
+    let branch = match headers.branch {
+        None => Cow::Borrowed(DEFAULT_BRANCH),
+        Some(value) => match String::from_utf8_lossy(value.as_bytes()) {
+            Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
+            Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
+        },
     };
     if !token.scope.allows_branch(&branch) {
-        return refuse_stack(Reject::BranchOutOfScope { branch }, Some(token));
+        return refuse_stack(
+            Reject::BranchOutOfScope {
+                branch: branch.into_owned(),
+            },
+            Some(token),
+        );
     }
     Decision::Forward(Permit {
         route,
@@ -490,11 +493,48 @@ pub fn is_preflight(parts: &Parts) -> bool {
 }
 
 /// A credential header's value; an empty one counts as absent.
-fn credential<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h [u8]> {
-    headers
-        .get(name)
-        .map(|v| v.as_bytes())
+fn credential(value: Option<&HeaderValue>) -> Option<&[u8]> {
+    value
+        .map(HeaderValue::as_bytes)
         .filter(|v| !v.iter().all(u8::is_ascii_whitespace))
+}
+
+/// The headers [`decide`] reads, each as `HeaderMap::get` would give it
+/// (the first value), found in one pass over the map rather than a hashed
+/// lookup per name.
+#[derive(Default)]
+struct Read<'h> {
+    host: Option<&'h HeaderValue>,
+    environment: Option<&'h HeaderValue>,
+    api_key: Option<&'h HeaderValue>,
+    access_token: Option<&'h HeaderValue>,
+    preview_token: Option<&'h HeaderValue>,
+    branch: Option<&'h HeaderValue>,
+    /// An `Authorization` or `authtoken` header is present (row 4).
+    management: bool,
+}
+
+impl<'h> Read<'h> {
+    fn of(headers: &'h HeaderMap) -> Read<'h> {
+        let mut read = Read::default();
+        for (name, value) in headers {
+            let slot = match name.as_str() {
+                "host" => &mut read.host,
+                "environment" => &mut read.environment,
+                "api_key" => &mut read.api_key,
+                "access_token" => &mut read.access_token,
+                "preview_token" => &mut read.preview_token,
+                "branch" => &mut read.branch,
+                "authorization" | "authtoken" => {
+                    read.management = true;
+                    continue;
+                }
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
+        read
+    }
 }
 
 /// `blt123` from `/stacks/blt123` or `/stacks/blt123/...`.

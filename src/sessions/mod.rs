@@ -52,8 +52,8 @@ struct Usage {
 impl Usage {
     fn of(permit: &Permit<'_>) -> Usage {
         Usage {
-            environments: permit.environments.clone(),
-            branch: permit.branch.clone(),
+            environments: permit.environments.iter().map(|e| e.to_string()).collect(),
+            branch: permit.branch.to_string(),
             token: Arc::clone(&permit.token),
         }
     }
@@ -61,7 +61,7 @@ impl Usage {
     /// [`Usage::same_reach`] against a permit, without building its usage.
     fn same_reach_as(&self, permit: &Permit<'_>) -> bool {
         self.branch == permit.branch
-            && self.environments == permit.environments
+            && self.environments.iter().eq(permit.environments.iter())
             && (Arc::ptr_eq(&self.token, &permit.token)
                 || self.token.scope.environments == permit.token.scope.environments)
     }

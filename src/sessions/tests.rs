@@ -69,7 +69,12 @@ fn token(uid: &str, branches: &[&str]) -> Arc<Token> {
     })
 }
 
-fn permit<'a>(f: &'a Fixture, token: &Arc<Token>, kind: SessionKind, branch: &str) -> Permit<'a> {
+fn permit<'a>(
+    f: &'a Fixture,
+    token: &Arc<Token>,
+    kind: SessionKind,
+    branch: &'a str,
+) -> Permit<'a> {
     Permit {
         route: &f.route,
         path: std::borrow::Cow::Borrowed("/"),
