@@ -268,7 +268,8 @@ where
             tokio::pin!(task);
             let mut reset = None;
             std::future::poll_fn(|cx| {
-                // The reset first: once cancelled, not one more frame goes out.
+                // The reset first: a cancelled stream's task is not polled
+                // again, so it hands h2 nothing more.
                 if let Some(reset) = reset.as_mut() {
                     if Future::poll(std::pin::Pin::as_mut(reset), cx).is_ready() {
                         return Poll::Ready(());
