@@ -263,15 +263,7 @@ async fn http2_resets_only_the_revoked_tokens_streams() {
 #[tokio::test]
 async fn http2_a_revoked_stream_with_its_window_shut_is_reset_at_once() {
     let w = world().await;
-    let stream = TcpStream::connect(w.gateway.http).await.unwrap();
-    let (mut h2, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(16 * 1024)
-            .initial_connection_window_size(8 * 1024 * 1024)
-            .handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let (mut h2, _closed) = h2c_small_stream_window(w.gateway.http).await;
     let big = Request::get("http://cdn.test/big?bytes=67108864")
         .header("api_key", API_KEY)
         .header("access_token", PROD)
@@ -289,17 +281,7 @@ async fn http2_a_revoked_stream_with_its_window_shut_is_reset_at_once() {
 
     w.sync_to(without_prod()).await;
     w.origin.wait_for_big_aborted(1).await;
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match body.frame().await {
-                Some(Ok(frame)) => taken += frame.data_ref().map_or(0, Bytes::len),
-                Some(Err(err)) => return Some(err),
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the revoked stream stayed open");
+    let ended = read_to_end_or_error(&mut body, &mut taken).await;
     let err = ended.expect("the revoked stream ended as if complete");
     assert!(format!("{err:?}").contains("CANCEL"), "{err:?}");
     assert!(taken <= 64 * 1024, "{taken} bytes went out");

@@ -331,21 +331,9 @@ async fn an_http2_stream_whose_client_stops_reading_is_reset_after_send_timeout(
     let extra = "[server]\nsend_timeout = \"500ms\"\nidle_timeout = \"60s\"\n[upstream]\nrequest_timeout = \"60s\"\n";
     let (gw, _cma) = gateway_to(&origin.url(), extra).await;
 
-    let stream = TcpStream::connect(gw.http).await.unwrap();
     // A small stream window and a large connection window: the stalled
     // stream cannot block the others.
-    let (mut sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(16 * 1024)
-            .initial_connection_window_size(8 * 1024 * 1024)
-            .handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-    let (closed_tx, mut closed) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let _ = connection.await;
-        let _ = closed_tx.send(());
-    });
+    let (mut sender, mut closed) = h2c_small_stream_window(gw.http).await;
     let big = |bytes: usize| {
         http::Request::get(format!("http://cdn.test/big?bytes={bytes}"))
             .header("api_key", API_KEY)
@@ -373,17 +361,7 @@ async fn an_http2_stream_whose_client_stops_reading_is_reset_after_send_timeout(
         "a cut-off upstream connection went back to the pool"
     );
     // What was in flight can still be read; then the stream ends in a reset.
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        loop {
-            match body.frame().await {
-                Some(Ok(frame)) => taken += frame.into_data().map_or(0, |d| d.len()),
-                Some(Err(err)) => return Some(err),
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the stalled stream stayed open");
+    let ended = read_to_end_or_error(&mut body, &mut taken).await;
     let err = ended.expect("the stalled stream ended as if complete");
     assert!(format!("{err:?}").contains("CANCEL"), "{err:?}");
     assert!(taken < SIZE, "the whole response was sent ({taken} bytes)");

@@ -326,6 +326,50 @@ pub async fn h2c(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Fu
     sender
 }
 
+/// An h2c connection whose streams get a 16 KiB window and the connection
+/// 8 MiB: a stream whose body is not read stalls on its own window without
+/// blocking the others. The receiver fires when the connection ends.
+pub async fn h2c_small_stream_window(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2 handshake");
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = connection.await;
+        let _ = closed_tx.send(());
+    });
+    (sender, closed)
+}
+
+/// Reads `body` to its end, adding the data to `taken`; returns the error it
+/// ended in (`None` when it ended cleanly). Panics after 10 s.
+pub async fn read_to_end_or_error(
+    body: &mut hyper::body::Incoming,
+    taken: &mut usize,
+) -> Option<hyper::Error> {
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => *taken += frame.data_ref().map_or(0, Bytes::len),
+                Some(Err(err)) => return Some(err),
+                None => return None,
+            }
+        }
+    });
+    ended
+        .await
+        .expect("the body neither ended nor failed within 10 s")
+}
+
 /// Polls `condition` every 5 ms until it holds; panics after 10 s.
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
