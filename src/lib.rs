@@ -8,6 +8,7 @@
 //! or beside it on its floor, never one that imports it back.
 //!
 //! What everything acts on:
+//! - [`memory`]: handing the allocator's free memory back after large work.
 //! - [`config`]: the TOML file (SPEC §5), parsed then validated into checked types.
 //! - [`region`], [`route`]: Contentstack's hosts; matching a request to a route.
 //! - [`registry`]: tokens per stack, synced from the CMA or a file, snapshotted,
@@ -54,6 +55,7 @@ pub mod decision;
 pub mod demo;
 pub mod limits;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod region;

@@ -231,7 +231,7 @@ impl StackRegistry {
                     pending: state.pending_removal.take(),
                     force,
                 };
-                let built = tokio::task::spawn_blocking(move || {
+                let built = offload(move || {
                     let (tokens, held_back, pending) = guard.apply(&base, tokens);
                     (next(&base, tokens, unix_secs(wall)), held_back, pending)
                 })
@@ -467,12 +467,10 @@ impl StackRegistry {
         } = job;
         let version = registry.version();
         let (path, name) = (path.to_owned(), Arc::clone(&self.name));
-        let result = tokio::task::spawn_blocking(move || {
-            snapshot::write(&path, &name, &registry, synced_at)
-        })
-        .await
-        .map_err(|err| err.to_string())
-        .and_then(|written| written.map_err(|err| err.to_string()));
+        let result = offload(move || snapshot::write(&path, &name, &registry, synced_at))
+            .await
+            .map_err(|err| err.to_string())
+            .and_then(|written| written.map_err(|err| err.to_string()));
         let mut status = self.lock_status();
         match result {
             Ok(()) => {
@@ -514,9 +512,26 @@ struct Persisted {
 /// on a single-threaded runtime.
 fn drop_off_runtime<T: Send + 'static>(value: T) {
     match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(value))),
+        Ok(runtime) => drop(runtime.spawn_blocking(move || {
+            drop(value);
+            crate::memory::release_free_memory();
+        })),
         Err(_) => drop(value),
     }
+}
+
+/// Runs `job` on a blocking thread, then hands the memory it freed back to
+/// the system ([`crate::memory`]): `job`'s captures are dropped when it
+/// returns, before the release.
+async fn offload<T: Send + 'static>(
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(move || {
+        let out = job();
+        crate::memory::release_free_memory();
+        out
+    })
+    .await
 }
 
 /// The mass-removal guard's inputs, moved to the thread that builds the
