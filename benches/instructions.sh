@@ -23,6 +23,8 @@
 # so every answer is that refusal).
 #
 # KEEP=DIR keeps the callgrind files there (for callgrind_annotate).
+# FLOOR=1 also measures the bare floor (examples/bare_proxy.rs: the same
+# server, pool and runtime, no checks) in the same run: what stackgate adds.
 # CLUSTER=1 also measures the same binary in cluster mode (a `[cluster]`
 # section, one local redis-server started for the run), in the same run: the
 # request path's cost in cluster mode against standalone.
@@ -34,6 +36,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BASE=${BASE:-}
 KEEP=${KEEP:-}
 CLUSTER=${CLUSTER:-}
+FLOOR=${FLOOR:-}
 PORT_REDIS=${PORT_REDIS:-18384}
 TOKENS=${TOKENS:-1000}
 SECONDS_LOAD=${REQUESTS_SECONDS:-15}
@@ -130,14 +133,22 @@ wait_for() {
 
 # measure NAME BINARY [CONFIG]: prints "NAME instructions-per-request requests"
 measure() {
-    local name=$1 binary=$2 config=${3:-$OUT/stackgate.toml} log="$OUT/$1.callgrind"
+    local config=${3:-$OUT/stackgate.toml}
+    measure_cmd "$1" "http://127.0.0.1:$PORT_ADMIN/readyz" "$2" run --config "$config"
+}
+
+# measure_cmd NAME READY_URL COMMAND...: the same for any server on
+# PORT_GATEWAY, once READY_URL answers.
+measure_cmd() {
+    local name=$1 ready=$2 log="$OUT/$1.callgrind"
+    shift 2
     local filter=warn
     [ "$ACCESS_LOG" = on ] && filter=info
     RUST_LOG=$filter valgrind --tool=callgrind --instr-atstart=no \
-        --callgrind-out-file="$log" "$binary" run --config "$config" \
+        --callgrind-out-file="$log" "$@" \
         >"$OUT/$name.out" 2>"$OUT/$name.err" &
     local pid=$!
-    wait_for "http://127.0.0.1:$PORT_ADMIN/readyz"
+    wait_for "$ready"
     if ! kill -0 "$pid" 2>/dev/null; then
         echo "$name: the gateway exited (port in use? see PORT_*):" >&2
         tail -n 5 "$OUT/$name.err" >&2
@@ -149,7 +160,14 @@ measure() {
     callgrind_control -i on "$pid" >/dev/null
     wrk -t1 -c4 -d"${SECONDS_LOAD}s" -s "$OUT/request.lua" "http://127.0.0.1:$PORT_GATEWAY" >"$OUT/$name.wrk"
     callgrind_control -i off "$pid" >/dev/null
+    # stackgate drains on SIGINT; the floor ignores it (a background job of
+    # a script), so TERM follows (callgrind writes its counts either way).
     kill -INT "$pid"
+    for _ in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" || true
     local requests non200 total
     requests=$(awk '/requests in/ {print $1}' "$OUT/$name.wrk")
@@ -174,6 +192,12 @@ measure() {
 cargo build --release --locked --bin stackgate >/dev/null
 RESULTS=()
 RESULTS+=("$(measure current target/release/stackgate)")
+if [ -n "$FLOOR" ]; then
+    cargo build --release --locked --example bare_proxy >/dev/null
+    # The floor answers any path; readiness is a forwarded request.
+    RESULTS+=("$(measure_cmd floor "http://127.0.0.1:$PORT_GATEWAY/" target/release/examples/bare_proxy \
+        "127.0.0.1:$PORT_GATEWAY" "http://127.0.0.1:$PORT_ORIGIN")")
+fi
 if [ -n "$CLUSTER" ]; then
     command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
     redis-server --bind 127.0.0.1 --port "$PORT_REDIS" --save '' --appendonly no --dir "$OUT" >/dev/null &
@@ -198,12 +222,17 @@ for line in "${RESULTS[@]}"; do
     # shellcheck disable=SC2086
     printf '%-8s %14s %10s\n' $line
 done
-current=$(echo "${RESULTS[0]}" | awk '{print $2}')
+figure() { printf '%s\n' "${RESULTS[@]}" | awk -v name="$1" '$1 == name {print $2}'; }
+current=$(figure current)
+if [ -n "$FLOOR" ]; then
+    floor=$(figure floor)
+    python3 -c "print(f'current/floor: {$current / $floor:.3f}')"
+fi
 if [ -n "$CLUSTER" ]; then
-    cluster=$(echo "${RESULTS[1]}" | awk '{print $2}')
+    cluster=$(figure cluster)
     python3 -c "print(f'cluster/standalone: {$cluster / $current:.3f}')"
 fi
 if [ -n "$BASE" ]; then
-    base=$(echo "${RESULTS[-1]}" | awk '{print $2}')
+    base=$(figure base)
     python3 -c "print(f'current/base ({\"$BASE\"}): {$current / $base:.3f}')"
 fi
