@@ -8,7 +8,8 @@
 //! or beside it on its floor, never one that imports it back.
 //!
 //! What everything acts on:
-//! - [`memory`]: handing the allocator's free memory back after large work.
+//! - [`memory`]: the registry's heavy work on one thread that hands the
+//!   memory it frees back to the system.
 //! - [`config`]: the TOML file (SPEC §5), parsed then validated into checked types.
 //! - [`region`], [`route`]: Contentstack's hosts; matching a request to a route.
 //! - [`registry`]: tokens per stack, synced from the CMA or a file, snapshotted,

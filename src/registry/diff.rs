@@ -120,9 +120,10 @@ pub fn next(old: &Registry, tokens: Vec<Token>, now: u64) -> Option<(Registry, D
     }
     revoked.retain(|digest, _| !listed.contains_key(digest));
     prune_revoked(&mut revoked, now);
-    let next = Registry::from_parts(
+    let next = Registry::from_listing(
         old.version().saturating_add(1),
         tokens,
+        Some(old),
         revoked,
         old.admin_revoked().clone(),
     );
@@ -197,6 +198,44 @@ mod tests {
             &old.tokens().map(|t| Token::clone(t)).collect::<Vec<_>>()
         )
         .is_empty());
+    }
+
+    #[test]
+    fn unchanged_tokens_keep_their_allocation_across_versions() {
+        let (old, _) = next(
+            &Registry::default(),
+            vec![
+                token("keep", "k", None, Some(&["main"])),
+                token("narrow", "n", None, Some(&["main", "dev"])),
+            ],
+            100,
+        )
+        .unwrap();
+        let (new, _) = next(
+            &old,
+            vec![
+                token("keep", "k", None, Some(&["main"])),
+                token("narrow", "n", None, Some(&["main"])),
+                token("fresh", "f", None, Some(&["main"])),
+            ],
+            200,
+        )
+        .unwrap();
+        let kept = new.get("keep").unwrap();
+        assert!(Arc::ptr_eq(kept, old.get("keep").unwrap()));
+        assert!(!Arc::ptr_eq(
+            new.get("narrow").unwrap(),
+            old.get("narrow").unwrap()
+        ));
+        assert_eq!(
+            new.get("narrow").unwrap().scope.branches,
+            Some(vec!["main".to_owned()])
+        );
+        // A new token with a kept token's scope shares that scope's copy.
+        assert!(Arc::ptr_eq(&new.get("fresh").unwrap().scope, &kept.scope));
+        assert!(
+            matches!(new.lookup(&Digest::of(b"k")), Lookup::Live(t, _) if Arc::ptr_eq(t, kept))
+        );
     }
 
     #[test]

@@ -237,6 +237,21 @@ impl Registry {
         revoked: DigestMap<Revoked>,
         admin_revoked: BTreeSet<Arc<str>>,
     ) -> Registry {
+        Registry::from_listing(version, tokens, None, revoked, admin_revoked)
+    }
+
+    /// [`Registry::from_parts`], keeping `previous`'s allocation of every
+    /// token listed unchanged: a reload of 100,000 tokens of which one
+    /// changed allocates one token, its long-lived objects stay where they
+    /// were (so the memory the reload frees goes back whole), and an
+    /// unchanged token is the same `Arc` in both versions.
+    pub fn from_listing(
+        version: u64,
+        tokens: Vec<Token>,
+        previous: Option<&Registry>,
+        revoked: DigestMap<Revoked>,
+        admin_revoked: BTreeSet<Arc<str>>,
+    ) -> Registry {
         let mut by_uid = HashMap::with_capacity(tokens.len());
         let mut live = DigestMap::default();
         live.reserve(tokens.len() * 2);
@@ -245,13 +260,26 @@ impl Registry {
         // any token in cache, and saves memory per token.
         let mut scopes: HashSet<Arc<Scope>> = HashSet::new();
         for mut token in tokens {
-            match scopes.get(&token.scope) {
-                Some(shared) => token.scope = Arc::clone(shared),
-                None => {
-                    scopes.insert(Arc::clone(&token.scope));
+            let kept = previous
+                .and_then(|previous| previous.get(&token.uid))
+                .filter(|kept| ***kept == token);
+            let token = match kept {
+                Some(kept) => {
+                    if !scopes.contains(&kept.scope) {
+                        scopes.insert(Arc::clone(&kept.scope));
+                    }
+                    Arc::clone(kept)
                 }
-            }
-            let token = Arc::new(token);
+                None => {
+                    match scopes.get(&token.scope) {
+                        Some(shared) => token.scope = Arc::clone(shared),
+                        None => {
+                            scopes.insert(Arc::clone(&token.scope));
+                        }
+                    }
+                    Arc::new(token)
+                }
+            };
             live.insert(token.delivery, (Arc::clone(&token), TokenKind::Delivery));
             if let Some(preview) = token.preview {
                 live.insert(preview, (Arc::clone(&token), TokenKind::Preview));

@@ -11,6 +11,7 @@
 //! holds back every stack, so that the gateway never bursts the budget however
 //! many stacks it serves.
 
+use crate::memory::offload;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -207,7 +208,7 @@ impl CmaClient {
                 Ok(result) => result?,
             };
             // Parsing hashes every value: off the runtime that serves requests.
-            let page = tokio::task::spawn_blocking(move || parse_token_list(&body))
+            let page = offload(move || parse_token_list(&body))
                 .await
                 .map_err(|err| SyncError::Internal(err.to_string()))??;
             let full = page.tokens.len() >= PAGE_SIZE;
@@ -338,18 +339,19 @@ impl FileSource {
                 return Ok(Fetched::Unchanged);
             }
         }
-        let body = tokio::fs::read(&self.path)
-            .await
-            .map_err(|e| error(e.to_string()))?;
-        // Hashing and parsing a large file takes milliseconds per 10k
-        // tokens: off the runtime that serves requests.
+        // Reading, hashing and parsing a large file takes milliseconds per
+        // 10k tokens: off the runtime that serves requests, on the thread
+        // that builds registries (see `crate::memory`).
         let last = self.last.as_ref().map(|(_, _, d)| *d).filter(|_| !refresh);
-        let (digest, parsed) = tokio::task::spawn_blocking(move || {
+        let path = self.path.clone();
+        let (digest, parsed) = offload(move || {
+            let body = std::fs::read(&path)?;
             let digest = Digest::of(&body);
             let parsed = (last != Some(digest)).then(|| parse_token_list(&body));
-            (digest, parsed)
+            Ok::<_, std::io::Error>((digest, parsed))
         })
         .await
+        .map_err(|e| error(e.to_string()))?
         .map_err(|e| error(e.to_string()))?;
         let Some(parsed) = parsed else {
             self.last = Some((stamp.0, stamp.1, digest));

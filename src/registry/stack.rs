@@ -20,6 +20,7 @@ use super::model::{Registry, Token};
 use super::snapshot::{self, unix_secs};
 use super::source::{Fetched, Source, SyncError};
 use crate::config::RegistrySettings;
+use crate::memory::{drop_off_runtime, offload};
 
 /// An unchanged registry is written to its snapshot again after this long,
 /// so that the file's sync time stays recent.
@@ -505,33 +506,6 @@ struct Persisted {
     written: u64,
     /// The latest version whose write failed.
     failed: u64,
-}
-
-/// Drops `value` on a blocking thread when there is a runtime: freeing a
-/// large registry's maps takes milliseconds, which requests would wait for
-/// on a single-threaded runtime.
-fn drop_off_runtime<T: Send + 'static>(value: T) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn_blocking(move || {
-            drop(value);
-            crate::memory::release_free_memory();
-        })),
-        Err(_) => drop(value),
-    }
-}
-
-/// Runs `job` on a blocking thread, then hands the memory it freed back to
-/// the system ([`crate::memory`]): `job`'s captures are dropped when it
-/// returns, before the release.
-async fn offload<T: Send + 'static>(
-    job: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    tokio::task::spawn_blocking(move || {
-        let out = job();
-        crate::memory::release_free_memory();
-        out
-    })
-    .await
 }
 
 /// The mass-removal guard's inputs, moved to the thread that builds the
