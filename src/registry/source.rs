@@ -11,7 +11,6 @@
 //! holds back every stack, so that the gateway never bursts the budget however
 //! many stacks it serves.
 
-use crate::memory::offload;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -25,6 +24,7 @@ use tokio::time::Instant;
 use super::model::{Digest, Token};
 use super::parse::{parse_token_list, ParseError};
 use crate::config::{CmaAuth, Secret};
+use crate::memory::offload;
 use crate::upstream::HttpClient;
 
 /// How often a tokens file is checked for changes.
