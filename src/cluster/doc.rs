@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::model::{Digest, DigestMap, Registry, Revoked, Scope, Token, TokenKind};
+use crate::registry::model::{DigestMap, Registry, Revoked, Token};
+use crate::registry::snapshot::{stored, StoredRevoked, StoredToken};
 
 /// The document format this build writes and reads.
 pub const FORMAT: u32 = 1;
@@ -20,26 +21,8 @@ pub struct Doc {
     format: u32,
     /// Unix seconds of the poller's sync this came from.
     pub synced_at: u64,
-    tokens: Vec<DocToken>,
-    revoked: Vec<DocRevoked>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct DocToken {
-    uid: String,
-    name: String,
-    scope: Scope,
-    delivery_sha256: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    preview_sha256: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct DocRevoked {
-    sha256: String,
-    uid: String,
-    kind: TokenKind,
-    at: u64,
+    tokens: Vec<StoredToken>,
+    revoked: Vec<StoredRevoked>,
 }
 
 /// Why a stored document could not be used (the node keeps what it has).
@@ -50,28 +33,7 @@ pub struct DocError(String);
 impl Doc {
     /// The document of `registry` as synced at `synced_at` (unix seconds).
     pub fn of(registry: &Registry, synced_at: u64) -> Doc {
-        let mut tokens: Vec<DocToken> = registry
-            .tokens()
-            .map(|t| DocToken {
-                uid: t.uid.to_string(),
-                name: t.name.clone(),
-                scope: Scope::clone(&t.scope),
-                delivery_sha256: t.delivery.to_hex(),
-                preview_sha256: t.preview.map(|d| d.to_hex()),
-            })
-            .collect();
-        tokens.sort_by(|a, b| a.uid.cmp(&b.uid));
-        let mut revoked: Vec<DocRevoked> = registry
-            .revoked()
-            .iter()
-            .map(|(digest, r)| DocRevoked {
-                sha256: digest.to_hex(),
-                uid: r.uid.to_string(),
-                kind: r.kind,
-                at: r.at,
-            })
-            .collect();
-        revoked.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        let (tokens, revoked) = stored(registry);
         Doc {
             format: FORMAT,
             synced_at,
@@ -99,31 +61,16 @@ impl Doc {
 
     /// The tokens and revoked digests of the document.
     pub fn parts(&self) -> Result<(Vec<Token>, DigestMap<Revoked>), DocError> {
-        let digest =
-            |hex: &str| Digest::from_hex(hex).ok_or_else(|| DocError("bad digest".to_owned()));
+        let bad_digest = || DocError("bad digest".to_owned());
         let tokens = self
             .tokens
             .iter()
-            .map(|t| {
-                Ok(Token {
-                    uid: Arc::from(t.uid.as_str()),
-                    name: t.name.clone(),
-                    scope: Arc::new(t.scope.clone()),
-                    delivery: digest(&t.delivery_sha256)?,
-                    preview: t.preview_sha256.as_deref().map(digest).transpose()?,
-                })
-            })
+            .map(|t| t.to_token().ok_or_else(bad_digest))
             .collect::<Result<Vec<_>, DocError>>()?;
         let mut revoked = DigestMap::default();
         for r in &self.revoked {
-            revoked.insert(
-                digest(&r.sha256)?,
-                Revoked {
-                    uid: Arc::from(r.uid.as_str()),
-                    kind: r.kind,
-                    at: r.at,
-                },
-            );
+            let (digest, entry) = r.to_entry().ok_or_else(bad_digest)?;
+            revoked.insert(digest, entry);
         }
         Ok((tokens, revoked))
     }

@@ -38,29 +38,90 @@ struct File {
     version: u64,
     /// Unix seconds of the sync this registry came from.
     synced_at: u64,
-    tokens: Vec<FileToken>,
+    tokens: Vec<StoredToken>,
     #[serde(default)]
-    revoked: Vec<FileRevoked>,
+    revoked: Vec<StoredRevoked>,
     #[serde(default)]
     admin_revoked: Vec<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct FileToken {
+/// A token as the snapshot and the cluster's registry document store it:
+/// its digests, never a value.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StoredToken {
     uid: String,
     name: String,
     scope: Scope,
     delivery_sha256: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     preview_sha256: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct FileRevoked {
+impl StoredToken {
+    fn of(token: &Token) -> StoredToken {
+        StoredToken {
+            uid: token.uid.to_string(),
+            name: token.name.clone(),
+            scope: Scope::clone(&token.scope),
+            delivery_sha256: token.delivery.to_hex(),
+            preview_sha256: token.preview.map(|d| d.to_hex()),
+        }
+    }
+
+    /// The token; `None` for a digest that is not 64 hex digits.
+    pub fn to_token(&self) -> Option<Token> {
+        Some(Token {
+            uid: Arc::from(self.uid.as_str()),
+            name: self.name.clone(),
+            scope: Arc::new(self.scope.clone()),
+            delivery: Digest::from_hex(&self.delivery_sha256)?,
+            preview: match &self.preview_sha256 {
+                Some(hex) => Some(Digest::from_hex(hex)?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// A revoked digest as the snapshot and the registry document store it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StoredRevoked {
     sha256: String,
     uid: String,
     kind: TokenKind,
-    at: u64,
+    /// Unix seconds when the registry learned of it.
+    pub at: u64,
+}
+
+impl StoredRevoked {
+    /// The digest and what it was; `None` for a digest that is not 64 hex
+    /// digits.
+    pub fn to_entry(&self) -> Option<(Digest, Revoked)> {
+        let revoked = Revoked {
+            uid: Arc::from(self.uid.as_str()),
+            kind: self.kind,
+            at: self.at,
+        };
+        Some((Digest::from_hex(&self.sha256)?, revoked))
+    }
+}
+
+/// `registry`'s tokens (by uid) and revoked digests (by digest), as stored.
+pub fn stored(registry: &Registry) -> (Vec<StoredToken>, Vec<StoredRevoked>) {
+    let mut tokens: Vec<StoredToken> = registry.tokens().map(|t| StoredToken::of(t)).collect();
+    tokens.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let mut revoked: Vec<StoredRevoked> = registry
+        .revoked()
+        .iter()
+        .map(|(digest, r)| StoredRevoked {
+            sha256: digest.to_hex(),
+            uid: r.uid.to_string(),
+            kind: r.kind,
+            at: r.at,
+        })
+        .collect();
+    revoked.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+    (tokens, revoked)
 }
 
 /// A registry read back from disk, with when it was last synced.
@@ -81,33 +142,14 @@ pub fn write(
         path: path.to_owned(),
         source,
     };
-    let mut tokens: Vec<FileToken> = registry
-        .tokens()
-        .map(|t| FileToken {
-            uid: t.uid.to_string(),
-            name: t.name.clone(),
-            scope: Scope::clone(&t.scope),
-            delivery_sha256: t.delivery.to_hex(),
-            preview_sha256: t.preview.map(|d| d.to_hex()),
-        })
-        .collect();
-    tokens.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let (tokens, revoked) = stored(registry);
     let file = File {
         format: FORMAT,
         stack: stack.to_owned(),
         version: registry.version(),
         synced_at: unix_secs(synced_at),
         tokens,
-        revoked: registry
-            .revoked()
-            .iter()
-            .map(|(digest, r)| FileRevoked {
-                sha256: digest.to_hex(),
-                uid: r.uid.to_string(),
-                kind: r.kind,
-                at: r.at,
-            })
-            .collect(),
+        revoked,
         admin_revoked: registry
             .admin_revoked()
             .iter()
@@ -209,33 +251,19 @@ pub fn parse(body: &[u8], stack: &str, now: SystemTime) -> Result<Loaded, String
         .checked_add(Duration::from_secs(file.synced_at))
         .filter(|_| file.synced_at <= latest)
         .ok_or_else(|| format!("synced_at {} is in the future", file.synced_at))?;
-    let digest = |hex: &str| Digest::from_hex(hex).ok_or_else(|| "bad digest".to_owned());
+    let bad_digest = || "bad digest".to_owned();
     let tokens = file
         .tokens
-        .into_iter()
-        .map(|t| {
-            Ok(Token {
-                uid: Arc::from(t.uid),
-                name: t.name,
-                scope: Arc::new(t.scope),
-                delivery: digest(&t.delivery_sha256)?,
-                preview: t.preview_sha256.as_deref().map(digest).transpose()?,
-            })
-        })
+        .iter()
+        .map(|t| t.to_token().ok_or_else(bad_digest))
         .collect::<Result<Vec<_>, String>>()?;
     let mut revoked = DigestMap::default();
-    for r in file.revoked {
+    for r in &file.revoked {
         if r.at > latest {
             return Err(format!("revoked at {} is in the future", r.at));
         }
-        revoked.insert(
-            digest(&r.sha256)?,
-            Revoked {
-                uid: Arc::from(r.uid),
-                kind: r.kind,
-                at: r.at,
-            },
-        );
+        let (digest, entry) = r.to_entry().ok_or_else(bad_digest)?;
+        revoked.insert(digest, entry);
     }
     let admin_revoked: BTreeSet<Arc<str>> = file.admin_revoked.into_iter().map(Arc::from).collect();
     Ok(Loaded {
