@@ -124,14 +124,7 @@ impl Cluster {
         };
         let local = stack.view().map_or(0, |v| v.registry.version());
         if local > stored {
-            let _ = self
-                .link
-                .script::<u64>(
-                    &self.scripts.raise_floor,
-                    &[&state.keys.registry],
-                    &[&local.to_string()],
-                )
-                .await;
+            let _ = self.raise_floor(state, local).await;
         }
     }
 

@@ -304,6 +304,18 @@ impl Cluster {
         }
     }
 
+    /// Raises the stack's version floor in Redis to `local` (never lowers
+    /// it); returns the registry version stored there.
+    async fn raise_floor(&self, state: &StackState, local: u64) -> Result<u64, LinkError> {
+        self.link
+            .script::<u64>(
+                &self.scripts.raise_floor,
+                &[&state.keys.registry],
+                &[&local.to_string()],
+            )
+            .await
+    }
+
     /// Redis is back (or reached for the first time): raise each stack's
     /// floor to what this node holds, so that the next version passes it,
     /// and ask for a sync where this node ran ahead.
@@ -313,15 +325,7 @@ impl Cluster {
                 continue;
             };
             let local = stack.view().map_or(0, |v| v.registry.version());
-            let stored = self
-                .link
-                .script::<u64>(
-                    &self.scripts.raise_floor,
-                    &[&state.keys.registry],
-                    &[&local.to_string()],
-                )
-                .await;
-            if let Ok(stored) = stored {
+            if let Ok(stored) = self.raise_floor(state, local).await {
                 if state.cma && local > stored {
                     self.request_sync(&stack.name, false).await;
                 }
