@@ -66,15 +66,15 @@ impl Cluster {
     }
 
     fn on_sync_request(&self, payload: &str) {
-        let (name, force) = match payload.split_once(' ') {
-            Some((name, flag)) => (name, flag == "force"),
-            None => (payload, false),
-        };
+        let (name, ask) = SyncAsk::parse(payload);
         let Some(state) = self.index_of(name).and_then(|i| self.stacks.get(i)) else {
             return;
         };
-        if force {
-            state.sync_force.store(true, Ordering::Release);
+        if let SyncAsk::Admin { force } = ask {
+            if force {
+                state.sync_force.store(true, Ordering::Release);
+            }
+            state.sync_publish.store(true, Ordering::Release);
         }
         state.sync_requested.store(true, Ordering::Release);
         state.wake.notify_one();

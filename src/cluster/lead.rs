@@ -80,9 +80,10 @@ impl Cluster {
             }
             let requested = state.sync_requested.swap(false, Ordering::AcqRel);
             let force = requested && state.sync_force.swap(false, Ordering::AcqRel);
+            let publish = requested && state.sync_publish.swap(false, Ordering::AcqRel);
             if (leader || fallback) && (requested || Instant::now() >= next_sync) {
                 let report = if leader {
-                    self.lead_sync(index, force, requested).await
+                    self.lead_sync(index, force, publish).await
                 } else {
                     self.shared.sync_stack(stack, force).await
                 };
@@ -292,7 +293,10 @@ impl Cluster {
             if report.error.is_some() {
                 return report;
             }
-        } else if !self.request_sync(&stack.name, force).await {
+        } else if !self
+            .request_sync(&stack.name, SyncAsk::Admin { force })
+            .await
+        {
             return self.shared.sync_stack(stack, force).await;
         }
         let waited = tokio::time::timeout(SYNC_WAIT, applied.wait_for(|v| *v > stored)).await;

@@ -54,6 +54,32 @@ use doc::{compose, same_content, Doc};
 use keys::StackKeys;
 use link::{Link, LinkError};
 
+/// What a sync request (on the cluster's sync channel) asks of the poller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncAsk {
+    /// `/admin/sync` on another node: sync, and publish a version even if
+    /// nothing changed, so that the node waiting sees the version move.
+    Admin { force: bool },
+    /// A node back from a Redis outage holds a version above the stored
+    /// one: sync (it may have seen deletions the poller has not), and
+    /// publish only what changed; the raised floor lifts the next version
+    /// above it. Several nodes reconnecting must not each add a version.
+    Ahead,
+}
+
+impl SyncAsk {
+    /// The stack and the request a payload names (an unknown flag reads as
+    /// a plain `/admin/sync`).
+    fn parse(payload: &str) -> (&str, SyncAsk) {
+        match payload.split_once(' ') {
+            Some((name, "force")) => (name, SyncAsk::Admin { force: true }),
+            Some((name, "ahead")) => (name, SyncAsk::Ahead),
+            Some((name, _)) => (name, SyncAsk::Admin { force: false }),
+            None => (payload, SyncAsk::Admin { force: false }),
+        }
+    }
+}
+
 /// How long `POST /admin/sync` waits for the poller's new version.
 pub const SYNC_WAIT: Duration = Duration::from_secs(30);
 
@@ -92,6 +118,8 @@ struct StackState {
     fallback: AtomicBool,
     sync_requested: AtomicBool,
     sync_force: AtomicBool,
+    /// A requested sync publishes even if nothing changed (`/admin/sync`).
+    sync_publish: AtomicBool,
     /// Wakes the lease loop (a sync request).
     wake: Notify,
     /// Wakes the apply loop (an announcement).
@@ -199,6 +227,7 @@ impl Cluster {
                     fallback: AtomicBool::new(false),
                     sync_requested: AtomicBool::new(false),
                     sync_force: AtomicBool::new(false),
+                    sync_publish: AtomicBool::new(false),
                     wake: Notify::new(),
                     catch_up: Notify::new(),
                     applied: watch::Sender::new(0),
@@ -327,18 +356,18 @@ impl Cluster {
             let local = stack.view().map_or(0, |v| v.registry.version());
             if let Ok(stored) = self.raise_floor(state, local).await {
                 if state.cma && local > stored {
-                    self.request_sync(&stack.name, false).await;
+                    self.request_sync(&stack.name, SyncAsk::Ahead).await;
                 }
             }
             state.catch_up.notify_one();
         }
     }
 
-    async fn request_sync(&self, stack: &str, force: bool) -> bool {
-        let payload = if force {
-            format!("{stack} force")
-        } else {
-            stack.to_owned()
+    async fn request_sync(&self, stack: &str, ask: SyncAsk) -> bool {
+        let payload = match ask {
+            SyncAsk::Admin { force: true } => format!("{stack} force"),
+            SyncAsk::Admin { force: false } => stack.to_owned(),
+            SyncAsk::Ahead => format!("{stack} ahead"),
         };
         self.link
             .publish(&keys::sync_channel(&self.prefix), &payload)
@@ -386,5 +415,27 @@ impl Cluster {
             "stacks": stacks,
             "nodes": *lock(&self.nodes),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SyncAsk;
+
+    #[test]
+    fn sync_requests_read_as_they_were_sent() {
+        assert_eq!(
+            SyncAsk::parse("website"),
+            ("website", SyncAsk::Admin { force: false })
+        );
+        assert_eq!(
+            SyncAsk::parse("website force"),
+            ("website", SyncAsk::Admin { force: true })
+        );
+        assert_eq!(SyncAsk::parse("website ahead"), ("website", SyncAsk::Ahead));
+        assert_eq!(
+            SyncAsk::parse("website later"),
+            ("website", SyncAsk::Admin { force: false })
+        );
     }
 }

@@ -76,18 +76,23 @@ local fields = redis.call('HMGET', KEYS[1], 'version', 'floor')
 return {tonumber(fields[1] or '0'), tonumber(fields[2] or '0')}
 "#;
 
-/// Raises the floor to a version a node reached on its own. KEYS:
-/// registry. ARGV: version. Returns the stored version.
+/// Raises the floor to a version a node reached on its own, if that is
+/// above the stored version (a node at the stored version takes the stored
+/// content instead, see `catch_up`; a floor equal to the version would make
+/// the poller publish again for nothing). KEYS: registry. ARGV: version.
+/// Returns the stored version.
 pub const RAISE_FLOOR: &str = r#"
 if redis.call('HEXISTS', KEYS[1], 'epoch') == 0 then
   local t = redis.call('TIME')
   redis.call('HSET', KEYS[1], 'epoch', t[1] .. '.' .. t[2])
 end
+local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local floor = tonumber(redis.call('HGET', KEYS[1], 'floor') or '0')
-if tonumber(ARGV[1]) > floor then
+local reached = tonumber(ARGV[1])
+if reached > floor and reached > version then
   redis.call('HSET', KEYS[1], 'floor', ARGV[1])
 end
-return tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+return version
 "#;
 
 /// One CMA request from the cluster-wide budget. KEYS: this second's
