@@ -36,6 +36,9 @@ P_HYPER=$((BASE_PORT + 3))
 P_NGINX=$((BASE_PORT + 4))
 P_NGINX_H2=$((BASE_PORT + 5))
 PROTOS=${PROTOS:-h1 h2}
+# Seconds between the last connection's answer and the reading: stackgate
+# parks an idle HTTP/1.1 connection after a second (server::PARK_AFTER).
+SETTLE=${SETTLE:-3}
 API_KEY=blt0123456789abcdef
 TOKEN=cs0123456789abcdef0123456789abcdef
 REQ_PATH="/v3/content_types/blog_post/entries?environment=production&locale=en-us"
@@ -223,7 +226,7 @@ measure() {
         fi
         sleep 0.1
     done
-    sleep 1
+    sleep "$SETTLE"
     after=$(rss_kib "$pid")
     echo >&5
     exec 5>&-

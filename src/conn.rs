@@ -63,6 +63,10 @@ pub struct Activity {
     smuggled: AtomicBool,
     /// Close with a reset rather than a FIN: the connection was revoked.
     abortive: AtomicBool,
+    /// A write or flush is waiting for the client to take bytes.
+    write_blocked: AtomicBool,
+    /// HTTP/1.1 is letting go of the socket without closing it (parking).
+    keep_socket: AtomicBool,
     /// HTTP/2 response bodies in flight, each with [`SendClock`]'s state.
     sends: std::sync::Mutex<Vec<std::sync::Weak<SendState>>>,
 }
@@ -116,6 +120,8 @@ impl Activity {
             partial_since: AtomicU64::new(0),
             smuggled: AtomicBool::new(false),
             abortive: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
+            keep_socket: AtomicBool::new(false),
             sends: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -189,6 +195,43 @@ impl Activity {
     /// Whether the connection is to be closed with a reset.
     pub fn is_abortive(&self) -> bool {
         self.abortive.load(Ordering::Acquire)
+    }
+
+    /// A write to the client is blocked (`true`) or made progress (`false`).
+    pub fn set_write_blocked(&self, blocked: bool) {
+        self.write_blocked.store(blocked, Ordering::Release);
+    }
+
+    /// Whether the last write to the client is waiting for it to take bytes.
+    pub fn is_write_blocked(&self) -> bool {
+        self.write_blocked.load(Ordering::Acquire)
+    }
+
+    /// While set, closing HTTP/1.1's side of the connection leaves the
+    /// socket open, to be parked and served again.
+    pub fn set_keep_socket(&self, keep: bool) {
+        self.keep_socket.store(keep, Ordering::Release);
+    }
+
+    /// Whether the socket is to stay open when HTTP/1.1 lets go of it.
+    pub fn keeps_socket(&self) -> bool {
+        self.keep_socket.load(Ordering::Acquire)
+    }
+
+    /// When an HTTP/1.1 keep-alive connection that stays as it is may be
+    /// parked: `after` its last request finished, if it has served one, has
+    /// nothing in flight, no head arriving and no write waiting.
+    pub fn park_at(&self, after: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0
+            || self.served.load(Ordering::Relaxed) == 0
+            || self.partial_since.load(Ordering::Acquire) != 0
+            || self.http2.load(Ordering::Relaxed)
+            || self.is_write_blocked()
+        {
+            return None;
+        }
+        let idle_since = Duration::from_millis(self.idle_since.load(Ordering::Acquire));
+        Some(self.base + idle_since + after)
     }
 
     /// Bytes arrived: with nothing in flight they start a head, which

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub registry_sync_failures: IntCounterVec,
     pub registry_held_back: IntGaugeVec,
     pub snapshot_write_failures: IntCounterVec,
+    pub connections_parked: prometheus::IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -139,9 +140,13 @@ impl Metrics {
                 ),
                 &["stack"],
             )?,
+            connections_parked: prometheus::IntGauge::with_opts(opts(
+                "connections_parked",
+                "Idle HTTP/1.1 keep-alive connections parked without hyper's buffers.",
+            ))?,
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
             Box::new(metrics.requests.clone()),
             Box::new(metrics.rejections.clone()),
             Box::new(metrics.upstream_duration.clone()),
@@ -155,6 +160,7 @@ impl Metrics {
             Box::new(metrics.registry_sync_failures.clone()),
             Box::new(metrics.registry_held_back.clone()),
             Box::new(metrics.snapshot_write_failures.clone()),
+            Box::new(metrics.connections_parked.clone()),
         ];
         for collector in collectors {
             metrics.registry.register(collector)?;

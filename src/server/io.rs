@@ -3,7 +3,8 @@
 //! head is scanned for conflicting framing that hyper would resolve silently,
 //! a write that makes no progress for `send_timeout` fails (so a client that
 //! stops reading cannot hold its connection, nor the upstream connection
-//! behind it), and a revoked connection closes with a reset.
+//! behind it), and a revoked connection closes with a reset. [`Prefixed`]
+//! puts bytes already read back in front of the socket's.
 
 use std::io;
 use std::pin::Pin;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use std::future::Future;
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -56,6 +58,26 @@ impl<T: Abort> WatchedIo<T> {
                 armed: false,
             },
         }
+    }
+
+    /// The transport underneath.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// After a write or flush: times it ([`SendTimer`]) and tells the
+    /// connection's activity when it starts or stops waiting for the client.
+    fn sent<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        let was_blocked = self.send.armed;
+        let polled = self.send.check(cx, polled);
+        if self.send.armed != was_blocked {
+            self.activity.set_write_blocked(self.send.armed);
+        }
+        polled
     }
 }
 
@@ -140,6 +162,11 @@ pub trait Abort {
 
     /// The socket's descriptor, for [`SocketHandle::arm`].
     fn raw_fd(&self) -> std::os::fd::RawFd;
+
+    /// The bare socket, when nothing sits between it and HTTP: an idle
+    /// HTTP/1.1 connection can then be parked on its readiness. TLS keeps
+    /// state and buffered bytes of its own, so it never parks.
+    fn bare(&self) -> Option<&TcpStream>;
 }
 
 impl Abort for TcpStream {
@@ -149,6 +176,10 @@ impl Abort for TcpStream {
 
     fn raw_fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(self)
+    }
+
+    fn bare(&self) -> Option<&TcpStream> {
+        Some(self)
     }
 }
 
@@ -160,23 +191,89 @@ impl Abort for tokio_rustls::server::TlsStream<TcpStream> {
     fn raw_fd(&self) -> std::os::fd::RawFd {
         self.get_ref().0.raw_fd()
     }
+
+    fn bare(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
-impl<T: AsyncWrite + Abort + Unpin> AsyncWrite for WatchedIo<T> {
+/// A transport with bytes already read from it put back in front: the
+/// first bytes read to tell HTTP/2's preface from HTTP/1.1, and what hyper
+/// had read but not used when its connection was parked.
+pub struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    /// `inner`, read from `prefix` first.
+    pub fn new(inner: T, prefix: Bytes) -> Self {
+        let mut prefixed = Prefixed {
+            prefix: Bytes::new(),
+            inner,
+        };
+        prefixed.unread(prefix);
+        prefixed
+    }
+
+    /// Puts `bytes` in front of what is still to be read.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            // Dropped: an empty slice of hyper's read buffer would keep the
+            // whole buffer alive.
+            return;
+        }
+        self.prefix = if self.prefix.is_empty() {
+            bytes
+        } else {
+            let mut joined = BytesMut::with_capacity(bytes.len() + self.prefix.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.prefix);
+            joined.freeze()
+        };
+    }
+
+    /// Whether bytes put back are still to be read.
+    pub fn has_unread(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
+    /// The transport underneath.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        if self.prefix.is_empty() {
+            self.prefix = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.send.check(cx, polled)
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.send.check(cx, polled)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -188,9 +285,47 @@ impl<T: AsyncWrite + Abort + Unpin> AsyncWrite for WatchedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<T: AsyncWrite + Abort + Unpin> AsyncWrite for WatchedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.sent(cx, polled)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.sent(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Parking: HTTP/1.1 lets go of the socket, which stays open.
+        if self.activity.keeps_socket() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.send.check(cx, polled)
+        this.sent(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

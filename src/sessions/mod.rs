@@ -176,10 +176,35 @@ pub struct ConnSessions {
     open: Mutex<Open>,
 }
 
-/// The sessions of one connection.
+/// The sessions of one connection: nearly always one (a site's visitors
+/// use its one token), so a list, searched in order; a map's table would
+/// cost an idle connection several times more.
 #[derive(Default)]
 struct Open {
-    by_key: FastMap<(TokenKey, SessionKind), OpenSession>,
+    by_key: Vec<((TokenKey, SessionKind), OpenSession)>,
+}
+
+impl Open {
+    fn get(&self, key: &(TokenKey, SessionKind)) -> Option<&OpenSession> {
+        self.by_key.iter().find(|(k, _)| k == key).map(|(_, s)| s)
+    }
+
+    fn get_mut(&mut self, key: &(TokenKey, SessionKind)) -> Option<&mut OpenSession> {
+        self.by_key
+            .iter_mut()
+            .find(|(k, _)| k == key)
+            .map(|(_, s)| s)
+    }
+
+    fn insert(&mut self, key: (TokenKey, SessionKind), session: OpenSession) {
+        match self.get_mut(&key) {
+            Some(slot) => *slot = session,
+            None => {
+                self.by_key.reserve_exact(1);
+                self.by_key.push((key, session));
+            }
+        }
+    }
 }
 
 struct OpenSession {
@@ -265,7 +290,7 @@ impl Sessions {
         let open_key = (key, permit.session);
         let mut open = conn.open.lock().unwrap_or_else(|p| p.into_inner());
         if !http2 {
-            if let Some(local) = open.by_key.get(&open_key) {
+            if let Some(local) = open.get(&open_key) {
                 if local.overflow || local.uses.iter().any(|u| u.same_reach_as(permit)) {
                     return RequestGuard { stream: None };
                 }
@@ -275,7 +300,6 @@ impl Sessions {
         let usage = Usage::of(permit);
         let mut entry = self.by_token.entry(key.clone()).or_default();
         let existing = open
-            .by_key
             .get(&open_key)
             .map(|local| local.id)
             .filter(|id| entry.get(id).is_some_and(|s| !s.ended));
@@ -295,7 +319,9 @@ impl Sessions {
                         cancel,
                         socket: (!http2).then(|| Arc::clone(&conn.socket)),
                         closes_connection: !http2,
-                        used: Vec::new(),
+                        // Room for the one use nearly every HTTP/1.1
+                        // session has, not the four a first push reserves.
+                        used: Vec::with_capacity(usize::from(!http2)),
                         used_overflow: false,
                         requests: FastMap::default(),
                         tracker: None,
@@ -304,10 +330,10 @@ impl Sessions {
                 );
                 let local = OpenSession {
                     id,
-                    uses: Vec::new(),
+                    uses: Vec::with_capacity(usize::from(!http2)),
                     overflow: false,
                 };
-                open.by_key.insert(open_key.clone(), local);
+                open.insert(open_key.clone(), local);
                 id
             }
         };
@@ -325,7 +351,7 @@ impl Sessions {
             }
             let overflow = session.used_overflow;
             drop(entry);
-            if let Some(local) = open.by_key.get_mut(&open_key) {
+            if let Some(local) = open.get_mut(&open_key) {
                 if overflow {
                     local.overflow = true;
                     local.uses = Vec::new();
