@@ -10,8 +10,8 @@
 # For each target: its resident set (VmRSS) is read once it has served a few
 # warm-up requests; then a Python client opens CONNS (8,000) connections one
 # after another, sends one request on each (a valid token, for stackgate),
-# reads the whole 200 answer and leaves the connection open; after a second's
-# pause the RSS is read again. The figure is (after - before) / CONNS, which
+# reads the whole 200 answer and leaves the connection open; after SETTLE
+# seconds the RSS is read again. The figure is (after - before) / CONNS, which
 # includes the server's share of everything a connection holds in userland:
 # hyper's buffers, the connection task and its future, tokio's registration,
 # stackgate's per-connection state. Kernel socket memory is not in RSS.
@@ -37,7 +37,8 @@ P_NGINX=$((BASE_PORT + 4))
 P_NGINX_H2=$((BASE_PORT + 5))
 PROTOS=${PROTOS:-h1 h2}
 # Seconds between the last connection's answer and the reading: stackgate
-# parks an idle HTTP/1.1 connection after a second (server::PARK_AFTER).
+# parks an idle HTTP/1.1 connection 100-200 ms after its last request
+# (server::PARK_AFTER).
 SETTLE=${SETTLE:-3}
 API_KEY=blt0123456789abcdef
 TOKEN=cs0123456789abcdef0123456789abcdef
