@@ -63,6 +63,21 @@ async fn wait_parked(w: &World, n: i64) {
     wait_until(&format!("{n} parked connections"), || parked.get() == n).await;
 }
 
+/// A connection that served `GET /v3/first` and is now parked, with what
+/// was read beyond that answer.
+async fn parked_connection(w: &World) -> (TcpStream, Vec<u8>) {
+    let mut stream = TcpStream::connect(w.gateway.http).await.unwrap();
+    let mut pending = Vec::new();
+    stream
+        .write_all(allowed("/v3/first").as_bytes())
+        .await
+        .unwrap();
+    let reply = read_response(&mut stream, &mut pending).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    wait_parked(w, 1).await;
+    (stream, pending)
+}
+
 /// Reads until the peer closes (EOF or reset); panics after 10 s.
 async fn wait_closed(stream: &mut TcpStream) -> Vec<u8> {
     let mut rest = Vec::new();
@@ -100,14 +115,7 @@ async fn an_idle_connection_parks_and_its_next_requests_are_served() {
 #[tokio::test]
 async fn a_parked_connection_takes_a_head_in_pieces_and_pipelined_heads() {
     let w = World::start(standard_tokens(), "").await;
-    let mut stream = TcpStream::connect(w.gateway.http).await.unwrap();
-    let mut pending = Vec::new();
-    stream
-        .write_all(allowed("/v3/first").as_bytes())
-        .await
-        .unwrap();
-    read_response(&mut stream, &mut pending).await;
-    wait_parked(&w, 1).await;
+    let (mut stream, mut pending) = parked_connection(&w).await;
 
     // A head in two writes: the first wakes the connection, which must wait
     // for the rest rather than answer or close.
@@ -136,14 +144,7 @@ async fn a_parked_connection_takes_a_head_in_pieces_and_pipelined_heads() {
 #[tokio::test]
 async fn a_parked_connection_still_refuses_a_smuggled_head() {
     let w = World::start(standard_tokens(), "").await;
-    let mut stream = TcpStream::connect(w.gateway.http).await.unwrap();
-    let mut pending = Vec::new();
-    stream
-        .write_all(allowed("/v3/first").as_bytes())
-        .await
-        .unwrap();
-    read_response(&mut stream, &mut pending).await;
-    wait_parked(&w, 1).await;
+    let (mut stream, mut pending) = parked_connection(&w).await;
     let smuggled = format!(
         "GET /v3/x HTTP/1.1\r\nhost: cdn.test\r\napi_key: {API_KEY}\r\naccess_token: {PROD}\r\ncontent-length: 0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
     );
@@ -160,14 +161,7 @@ async fn a_parked_connection_still_refuses_a_smuggled_head() {
 #[tokio::test]
 async fn revoking_the_token_of_a_parked_connection_closes_it() {
     let w = World::start(standard_tokens(), "").await;
-    let mut stream = TcpStream::connect(w.gateway.http).await.unwrap();
-    let mut pending = Vec::new();
-    stream
-        .write_all(allowed("/v3/first").as_bytes())
-        .await
-        .unwrap();
-    read_response(&mut stream, &mut pending).await;
-    wait_parked(&w, 1).await;
+    let (mut stream, _) = parked_connection(&w).await;
     let reply = w
         .gateway
         .admin("POST", "/admin/tokens/blt_prod/revoke")
@@ -186,14 +180,7 @@ async fn revoking_the_token_of_a_parked_connection_closes_it() {
 #[tokio::test]
 async fn a_parked_connection_idles_out() {
     let w = World::start(standard_tokens(), "[server]\nidle_timeout = \"1s\"\n").await;
-    let mut stream = TcpStream::connect(w.gateway.http).await.unwrap();
-    let mut pending = Vec::new();
-    stream
-        .write_all(allowed("/v3/first").as_bytes())
-        .await
-        .unwrap();
-    read_response(&mut stream, &mut pending).await;
-    wait_parked(&w, 1).await;
+    let (mut stream, _) = parked_connection(&w).await;
     let rest = wait_closed(&mut stream).await;
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     wait_parked(&w, 0).await;
@@ -202,14 +189,7 @@ async fn a_parked_connection_idles_out() {
 #[tokio::test]
 async fn shutdown_closes_parked_connections() {
     let mut w = World::start(standard_tokens(), "").await;
-    let mut stream = TcpStream::connect(w.gateway.http).await.unwrap();
-    let mut pending = Vec::new();
-    stream
-        .write_all(allowed("/v3/first").as_bytes())
-        .await
-        .unwrap();
-    read_response(&mut stream, &mut pending).await;
-    wait_parked(&w, 1).await;
+    let (mut stream, _) = parked_connection(&w).await;
     let gateway = w.gateway.gateway.take().expect("running");
     let drained = gateway.shutdown(Duration::from_secs(5)).await;
     assert!(drained, "a parked connection must not hold up the drain");

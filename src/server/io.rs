@@ -3,8 +3,8 @@
 //! head is scanned for conflicting framing that hyper would resolve silently,
 //! a write that makes no progress for `send_timeout` fails (so a client that
 //! stops reading cannot hold its connection, nor the upstream connection
-//! behind it), and a revoked connection closes with a reset. [`Prefixed`]
-//! puts bytes already read back in front of the socket's.
+//! behind it), and a revoked connection closes with a reset. Bytes already
+//! read can be put back in front of the socket's.
 
 use std::io;
 use std::pin::Pin;
@@ -28,6 +28,10 @@ use crate::sessions::SocketHandle;
 /// conflicting framing headers ([`Framing`]).
 pub struct WatchedIo<T: Abort> {
     inner: T,
+    /// Bytes already read (and scanned) put back, to be read first: the
+    /// bytes read to tell HTTP/2's preface from HTTP/1.1, and what hyper
+    /// had read but not used when its connection was parked.
+    unread: Bytes,
     activity: Arc<Activity>,
     /// Armed with `inner`'s socket while this owns it (see [`SocketHandle`]).
     socket: Arc<SocketHandle>,
@@ -49,6 +53,7 @@ impl<T: Abort> WatchedIo<T> {
         socket.arm(inner.raw_fd());
         WatchedIo {
             inner,
+            unread: Bytes::new(),
             activity,
             socket,
             framing: Framing::default(),
@@ -63,6 +68,28 @@ impl<T: Abort> WatchedIo<T> {
     /// The transport underneath.
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+
+    /// Puts `bytes` in front of what is still to be read.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            // Dropped: an empty slice of hyper's read buffer would keep the
+            // whole buffer alive.
+            return;
+        }
+        self.unread = if self.unread.is_empty() {
+            bytes
+        } else {
+            let mut joined = BytesMut::with_capacity(bytes.len() + self.unread.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.unread);
+            joined.freeze()
+        };
+    }
+
+    /// Whether bytes put back are still to be read.
+    pub fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
     }
 
     /// After a write or flush: times it ([`SendTimer`]) and tells the
@@ -130,6 +157,16 @@ impl<T: AsyncRead + Abort + Unpin> AsyncRead for WatchedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.unread.is_empty() {
+            // Noted and scanned when they were first read.
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            self.unread.advance(n);
+            if self.unread.is_empty() {
+                self.unread = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -194,102 +231,6 @@ impl Abort for tokio_rustls::server::TlsStream<TcpStream> {
 
     fn bare(&self) -> Option<&TcpStream> {
         None
-    }
-}
-
-/// A transport with bytes already read from it put back in front: the
-/// first bytes read to tell HTTP/2's preface from HTTP/1.1, and what hyper
-/// had read but not used when its connection was parked.
-pub struct Prefixed<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T> Prefixed<T> {
-    /// `inner`, read from `prefix` first.
-    pub fn new(inner: T, prefix: Bytes) -> Self {
-        let mut prefixed = Prefixed {
-            prefix: Bytes::new(),
-            inner,
-        };
-        prefixed.unread(prefix);
-        prefixed
-    }
-
-    /// Puts `bytes` in front of what is still to be read.
-    pub fn unread(&mut self, bytes: Bytes) {
-        if bytes.is_empty() {
-            // Dropped: an empty slice of hyper's read buffer would keep the
-            // whole buffer alive.
-            return;
-        }
-        self.prefix = if self.prefix.is_empty() {
-            bytes
-        } else {
-            let mut joined = BytesMut::with_capacity(bytes.len() + self.prefix.len());
-            joined.extend_from_slice(&bytes);
-            joined.extend_from_slice(&self.prefix);
-            joined.freeze()
-        };
-    }
-
-    /// Whether bytes put back are still to be read.
-    pub fn has_unread(&self) -> bool {
-        !self.prefix.is_empty()
-    }
-
-    /// The transport underneath.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.prefix.is_empty() {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
-        let n = self.prefix.len().min(buf.remaining());
-        buf.put_slice(&self.prefix[..n]);
-        self.prefix.advance(n);
-        if self.prefix.is_empty() {
-            self.prefix = Bytes::new();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 

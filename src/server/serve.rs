@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-use super::io::{Abort, Prefixed, WatchedIo};
+use super::io::{Abort, WatchedIo};
 use crate::config::ServerSettings;
 use crate::conn::{ConnInfo, StreamExecutor};
 use crate::decision::MAX_HEAD_BYTES;
@@ -101,14 +101,11 @@ pub async fn serve_connection<I>(
 {
     let server = &shared.config.server;
     // Boxed: the task keeps a pointer, not two copies, of the socket's state.
-    let mut io = Box::new(Prefixed::new(
-        WatchedIo::new(
-            io,
-            Arc::clone(&info.activity),
-            Arc::clone(&info.sessions.socket),
-            server.send_timeout,
-        ),
-        Bytes::new(),
+    let mut io = Box::new(WatchedIo::new(
+        io,
+        Arc::clone(&info.activity),
+        Arc::clone(&info.sessions.socket),
+        server.send_timeout,
     ));
     let mut watch = Watch::new(&info, server, shutdown);
     let Some(http2) = first_bytes(&mut io, &mut watch).await else {
@@ -131,7 +128,7 @@ pub async fn serve_connection<I>(
 
 /// Reads the first bytes and puts them back: `Some(true)` when they are
 /// HTTP/2's preface, `None` when the connection ended or must close first.
-async fn first_bytes<I>(io: &mut Prefixed<WatchedIo<I>>, watch: &mut Watch<'_>) -> Option<bool>
+async fn first_bytes<I>(io: &mut WatchedIo<I>, watch: &mut Watch<'_>) -> Option<bool>
 where
     I: AsyncRead + AsyncWrite + Abort + Unpin,
 {
@@ -172,7 +169,7 @@ async fn sniff<I: AsyncRead + Unpin>(io: &mut I) -> std::io::Result<(bool, Bytes
 /// Serves HTTP/1.1, parking the connection whenever it has idled for
 /// [`PARK_AFTER`] on a bare socket.
 async fn serve_http1<I, S, B>(
-    mut io: Box<Prefixed<WatchedIo<I>>>,
+    mut io: Box<WatchedIo<I>>,
     mut service: S,
     http: &Http,
     watch: &mut Watch<'_>,
@@ -184,7 +181,7 @@ async fn serve_http1<I, S, B>(
     B: hyper::body::Body + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let parkable = io.get_ref().get_ref().bare().is_some();
+    let parkable = io.get_ref().bare().is_some();
     loop {
         // Boxed, so that a parked connection's task does not keep room for it.
         let mut connection = Box::new(http.http1.serve_connection(TokioIo::new(io), service));
@@ -220,7 +217,7 @@ async fn serve_http1<I, S, B>(
             io.unread(parts.read_buf);
         }
         if !io.has_unread() {
-            let Some(socket) = io.get_ref().get_ref().bare() else {
+            let Some(socket) = io.get_ref().bare() else {
                 return;
             };
             tracing::debug!(peer = %watch.info.peer, "connection parked");
