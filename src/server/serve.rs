@@ -222,7 +222,9 @@ async fn serve_http1<I, S, B>(
             };
             tracing::debug!(peer = %watch.info.peer, "connection parked");
             let counted = Parked::new(parked);
-            let readable = socket.readable();
+            // `poll_read_ready` keeps the waker in the socket's own slot: no
+            // waiter node in the task, as `readable()` would keep.
+            let readable = std::future::poll_fn(|cx| socket.poll_read_ready(cx));
             tokio::pin!(readable);
             let woken = watch.guard(readable).await;
             drop(counted);
