@@ -183,39 +183,41 @@ async fn serve_http1<I, S, B>(
 {
     let parkable = io.get_ref().bare().is_some();
     loop {
-        // Boxed, so that a parked connection's task does not keep room for it.
-        let mut connection = Box::new(http.http1.serve_connection(TokioIo::new(io), service));
-        let shut = |c: Pin<&mut http1::Connection<_, S>>| c.graceful_shutdown();
-        if watch
-            .drive(Pin::new(&mut *connection), parkable, shut)
-            .await
-            == Ran::Ended
-        {
-            return;
-        }
-        // Idle: hyper closes an idle connection at once when asked to shut
-        // down, and leaves the socket open while `keep_socket` is set.
-        watch.info.activity.set_keep_socket(true);
-        Pin::new(&mut *connection).graceful_shutdown();
-        let polled = poll_once(Pin::new(&mut *connection)).await;
-        watch.info.activity.set_keep_socket(false);
-        match polled {
-            Poll::Ready(Ok(())) if !watch.info.activity.is_write_blocked() => {}
-            // A write still waiting would be lost: end here, as on an error.
-            Poll::Ready(_) => return,
-            Poll::Pending => {
-                // Hyper was not idle after all (a request body still being
-                // read, say): it closes once that is done, as when draining.
-                watch.drive(Pin::new(&mut *connection), false, shut).await;
+        // Boxed, so that a parked connection's task does not keep room for
+        // it; the box is freed at the end of this block, before the park.
+        let parts = {
+            let mut connection = Box::new(http.http1.serve_connection(TokioIo::new(io), service));
+            let shut = |c: Pin<&mut http1::Connection<_, S>>| c.graceful_shutdown();
+            if watch
+                .drive(Pin::new(&mut *connection), parkable, shut)
+                .await
+                == Ran::Ended
+            {
                 return;
             }
-        }
-        {
-            let parts = connection.into_parts();
-            io = parts.io.into_inner();
-            service = parts.service;
-            io.unread(parts.read_buf);
-        }
+            // Idle: hyper closes an idle connection at once when asked to
+            // shut down, and leaves the socket open while `keep_socket` is set.
+            watch.info.activity.set_keep_socket(true);
+            Pin::new(&mut *connection).graceful_shutdown();
+            let polled = poll_once(Pin::new(&mut *connection)).await;
+            watch.info.activity.set_keep_socket(false);
+            match polled {
+                Poll::Ready(Ok(())) if !watch.info.activity.is_write_blocked() => {}
+                // A write still waiting would be lost: end here, as on an error.
+                Poll::Ready(_) => return,
+                Poll::Pending => {
+                    // Hyper was not idle after all (a request body still
+                    // being read, say): it closes once that is done, as
+                    // when draining.
+                    watch.drive(Pin::new(&mut *connection), false, shut).await;
+                    return;
+                }
+            }
+            connection.into_parts()
+        };
+        io = parts.io.into_inner();
+        service = parts.service;
+        io.unread(parts.read_buf);
         if !io.has_unread() {
             let Some(socket) = io.get_ref().bare() else {
                 return;
