@@ -36,7 +36,8 @@
 //!   [`cluster`] in cluster mode).
 //!
 //! What builds and starts things:
-//! - [`server`]: listeners, TLS, the per-connection task and its timeouts.
+//! - [`server`]: listeners, TLS, the per-connection task, its timeouts, and
+//!   the parking of idle HTTP/1.1 connections.
 //! - [`app`]: wiring, background services and the shutdown tree.
 //! - [`demo`]: `stackgate demo`.
 //! - [`logging`]: text or JSON logs.
