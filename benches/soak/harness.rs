@@ -53,7 +53,7 @@ pub fn start(config: &Path, admin_bearer: &str) -> Gateway {
         .env(
             "RUST_LOG",
             std::env::var("SOAK_GATEWAY_LOG")
-                .unwrap_or_else(|_| "warn,stackgate::state=info".into()),
+                .unwrap_or_else(|_| "warn,stackgate::app=info,stackgate::state=info".into()),
         )
         .stderr(Stdio::piped())
         .spawn()
