@@ -218,9 +218,10 @@ impl Activity {
         self.keep_socket.load(Ordering::Acquire)
     }
 
-    /// When an HTTP/1.1 keep-alive connection that stays as it is may be
-    /// parked: `after` its last request finished, if it has served one, has
-    /// nothing in flight, no head arriving and no write waiting.
+    /// When this HTTP/1.1 keep-alive connection may be parked if nothing
+    /// happens before: `after` its last request finished, provided it has
+    /// served one and has nothing in flight, no head arriving and no write
+    /// waiting (`None` otherwise).
     pub fn park_at(&self, after: Duration) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0
             || self.served.load(Ordering::Relaxed) == 0

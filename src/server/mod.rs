@@ -71,7 +71,7 @@ pub async fn accept_loop(
         let http = Arc::clone(&http);
         let shutdown = shutdown.clone();
         let tls = tls.clone();
-        let task = async move {
+        tracker.spawn(async move {
             let _permit = permit;
             let info = Arc::new(ConnInfo::new(peer, scheme, shared.sessions.connection()));
             match tls {
@@ -95,8 +95,7 @@ pub async fn accept_loop(
                     .await
                 }
             }
-        };
-        tracker.spawn(task);
+        });
     }
 }
 

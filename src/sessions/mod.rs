@@ -176,33 +176,67 @@ pub struct ConnSessions {
     open: Mutex<Open>,
 }
 
-/// The sessions of one connection: nearly always one (a site's visitors
-/// use its one token), so a list, searched in order; a map's table would
-/// cost an idle connection several times more.
-#[derive(Default)]
-struct Open {
-    by_key: Vec<((TokenKey, SessionKind), OpenSession)>,
+/// The sessions of one connection, by token and kind: nearly always one (a
+/// site's visitors use its one token), kept in a short list that costs an
+/// idle connection a few dozen bytes; a connection that goes past
+/// [`OPEN_LIST_MAX`] tokens (a backend cycling through many) moves to a map,
+/// so that no request scans a long list.
+enum Open {
+    Few(Vec<(OpenKey, OpenSession)>),
+    Many(FastMap<OpenKey, OpenSession>),
+}
+
+type OpenKey = (TokenKey, SessionKind);
+
+/// Most sessions a connection keeps in a list before it moves to a map.
+const OPEN_LIST_MAX: usize = 4;
+
+impl Default for Open {
+    fn default() -> Self {
+        Open::Few(Vec::new())
+    }
 }
 
 impl Open {
-    fn get(&self, key: &(TokenKey, SessionKind)) -> Option<&OpenSession> {
-        self.by_key.iter().find(|(k, _)| k == key).map(|(_, s)| s)
+    fn get(&self, key: &OpenKey) -> Option<&OpenSession> {
+        match self {
+            Open::Few(list) => list.iter().find(|(k, _)| k == key).map(|(_, s)| s),
+            Open::Many(map) => map.get(key),
+        }
     }
 
-    fn get_mut(&mut self, key: &(TokenKey, SessionKind)) -> Option<&mut OpenSession> {
-        self.by_key
-            .iter_mut()
-            .find(|(k, _)| k == key)
-            .map(|(_, s)| s)
+    fn get_mut(&mut self, key: &OpenKey) -> Option<&mut OpenSession> {
+        match self {
+            Open::Few(list) => list.iter_mut().find(|(k, _)| k == key).map(|(_, s)| s),
+            Open::Many(map) => map.get_mut(key),
+        }
     }
 
-    fn insert(&mut self, key: (TokenKey, SessionKind), session: OpenSession) {
-        match self.get_mut(&key) {
-            Some(slot) => *slot = session,
-            None => {
-                self.by_key.reserve_exact(1);
-                self.by_key.push((key, session));
+    fn insert(&mut self, key: OpenKey, session: OpenSession) {
+        if let Some(slot) = self.get_mut(&key) {
+            *slot = session;
+            return;
+        }
+        match self {
+            Open::Few(list) if list.len() < OPEN_LIST_MAX => {
+                list.reserve_exact(1);
+                list.push((key, session));
             }
+            Open::Few(list) => {
+                let mut map: FastMap<OpenKey, OpenSession> = list.drain(..).collect();
+                map.insert(key, session);
+                *self = Open::Many(map);
+            }
+            Open::Many(map) => {
+                map.insert(key, session);
+            }
+        }
+    }
+
+    fn into_sessions(self) -> Vec<(OpenKey, OpenSession)> {
+        match self {
+            Open::Few(list) => list,
+            Open::Many(map) => map.into_iter().collect(),
         }
     }
 }
@@ -448,7 +482,7 @@ impl Sessions {
 impl Drop for ConnSessions {
     fn drop(&mut self) {
         let open = std::mem::take(self.open.get_mut().unwrap_or_else(|p| p.into_inner()));
-        for ((key, _kind), local) in open.by_key {
+        for ((key, _kind), local) in open.into_sessions() {
             self.sessions.close_session(&key, local.id);
         }
     }

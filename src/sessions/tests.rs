@@ -349,3 +349,42 @@ async fn repeated_http1_uses_are_recorded_once_and_still_revoked() {
     assert_eq!(revocation.cancelled, 1);
     assert!(conn.cancel.is_cancelled());
 }
+
+#[tokio::test]
+async fn a_connection_using_many_tokens_keeps_one_session_each_past_the_short_list() {
+    let f = fixture();
+    let conn = f.sessions.connection();
+    let uids: Vec<String> = (0..3 * OPEN_LIST_MAX).map(|i| format!("t{i}")).collect();
+    let tokens: Vec<Arc<Token>> = uids.iter().map(|uid| token(uid, &["main"])).collect();
+    // Every token twice, so that the second use of each is found again
+    // after the connection's list has become a map.
+    for _ in 0..2 {
+        for t in &tokens {
+            drop(
+                f.sessions
+                    .begin(&conn, &permit(&f, t, SessionKind::Delivery, "main"), false),
+            );
+        }
+    }
+    assert!(
+        matches!(*conn.open.lock().unwrap(), Open::Many(_)),
+        "past the short list"
+    );
+    for uid in &uids {
+        assert_eq!(f.sessions.live(0, uid), 1, "one session for {uid}");
+    }
+    // Removing the last token still finds and ends its session.
+    let last = uids.last().unwrap();
+    let revocation = f.sessions.revoke(0, &change(removed(last), vec![]), false);
+    assert_eq!(revocation.cancelled, 1);
+    assert!(conn.cancel.is_cancelled());
+    drop(conn);
+    closed_within(revocation).await;
+    for uid in &uids {
+        assert_eq!(
+            f.sessions.live(0, uid),
+            0,
+            "{uid} closed with the connection"
+        );
+    }
+}
