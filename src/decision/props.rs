@@ -823,7 +823,7 @@ fn forward_only_when_every_row_allows() {
 }
 
 /// A permit names the token the request presented, the route kind's session,
-/// and the environments and branch it asked for.
+/// and the environments (query, then header) and branch it asked for.
 fn check_permit(permit: &Permit<'_>, parts: &Parts) -> Result<(), TestCaseError> {
     let preview = permit.route.kind.is_preview();
     let (header, wanted) = if preview {
@@ -851,11 +851,16 @@ fn check_permit(permit: &Permit<'_>, parts: &Parts) -> Result<(), TestCaseError>
         SessionKind::Delivery
     };
     prop_assert_eq!(permit.session, session);
-    let environments: Vec<String> =
+    // The query's `environment` values, then the `environment` header's
+    // (which must agree with them, or the request is refused).
+    let mut environments: Vec<String> =
         form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
             .filter(|(k, _)| k.eq_ignore_ascii_case("environment"))
             .map(|(_, v)| v.into_owned())
             .collect();
+    if let Some(value) = parts.headers.get("environment") {
+        environments.push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
     prop_assert_eq!(&permit.environments, &environments);
     prop_assert!(token.allows_branch(&permit.branch));
     // The path forwarded is the request's, normalized (SPEC §2); no route of
