@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
@@ -133,23 +133,6 @@ async fn wait_for_fds(baseline: usize, slack: usize, within: Duration) {
     }
 }
 
-/// Reads until the peer closes (FIN or reset); `None` if still open after `within`.
-async fn read_until_closed<R: AsyncReadExt + Unpin>(
-    read: &mut R,
-    within: Duration,
-) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, read.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(out),
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
 /// Sends `bytes` one at a time, `every` apart, until the peer stops taking
 /// them; the write half stays open afterwards.
 fn trickle(
@@ -170,34 +153,6 @@ fn trickle(
 
 fn head(uri: &str) -> String {
     format!("GET {uri} HTTP/1.1\r\nhost: cdn.test\r\napi_key: {API_KEY}\r\naccess_token: {PROD}\r\nx-padding: {}\r\n\r\n", "p".repeat(64))
-}
-
-/// Reads one HTTP/1.1 response with a `content-length` from `read`.
-async fn read_response<R: AsyncReadExt + Unpin>(read: &mut R) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&out).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap())
-                })
-                .expect("a content-length");
-            if out.len() >= end + 4 + length {
-                return text;
-            }
-        }
-        let n = timeout(PROMPT, read.read(&mut buf))
-            .await
-            .expect("response in time")
-            .unwrap();
-        assert!(n > 0, "closed mid-response: {text}");
-        out.extend_from_slice(&buf[..n]);
-    }
 }
 
 #[tokio::test]
@@ -252,7 +207,7 @@ async fn slowloris_heads_are_cut_off_after_header_timeout() {
     let conn = TcpStream::connect(addr).await.unwrap();
     let (mut read, mut write) = conn.into_split();
     write.write_all(head("/v3/first").as_bytes()).await.unwrap();
-    let first = read_response(&mut read).await;
+    let first = read_response(&mut read, &mut Vec::new(), PROMPT).await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     let writer = trickle(
         write,

@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// An allowed delivery GET's head.
@@ -18,44 +18,8 @@ fn allowed(target: &str) -> String {
     format!("GET {target} HTTP/1.1\r\nhost: cdn.test\r\napi_key: {API_KEY}\r\naccess_token: {PROD}\r\n\r\n")
 }
 
-/// Reads one response (head and a `content-length` or chunked body) and
-/// returns it as text; panics if the connection ends first or after 10 s.
-async fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(len) = complete_response(pending) {
-            let response: Vec<u8> = pending.drain(..len).collect();
-            return String::from_utf8_lossy(&response).into_owned();
-        }
-        let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
-            .await
-            .expect("a response within 10 s")
-            .expect("read");
-        assert!(
-            n > 0,
-            "the connection closed before a whole response: {:?}",
-            String::from_utf8_lossy(pending)
-        );
-        pending.extend_from_slice(&buf[..n]);
-    }
-}
-
-/// The length of the first complete response in `bytes`, if there is one.
-fn complete_response(bytes: &[u8]) -> Option<usize> {
-    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = String::from_utf8_lossy(&bytes[..head_end]).to_ascii_lowercase();
-    if let Some(line) = head.lines().find(|l| l.starts_with("content-length:")) {
-        let length: usize = line["content-length:".len()..].trim().parse().unwrap();
-        return (bytes.len() >= head_end + length).then_some(head_end + length);
-    }
-    if head.contains("transfer-encoding: chunked") {
-        let body = &bytes[head_end..];
-        let end = body.windows(5).position(|w| w == b"0\r\n\r\n")? + 5;
-        return Some(head_end + end);
-    }
-    Some(head_end)
-}
+/// How long a test waits for an answer or a close.
+const WITHIN: Duration = Duration::from_secs(10);
 
 /// Waits until the gateway counts `n` parked connections.
 async fn wait_parked(w: &World, n: i64) {
@@ -72,18 +36,17 @@ async fn parked_connection(w: &World) -> (TcpStream, Vec<u8>) {
         .write_all(allowed("/v3/first").as_bytes())
         .await
         .unwrap();
-    let reply = read_response(&mut stream, &mut pending).await;
+    let reply = read_response(&mut stream, &mut pending, WITHIN).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     wait_parked(w, 1).await;
     (stream, pending)
 }
 
-/// Reads until the peer closes (EOF or reset); panics after 10 s.
+/// Reads until the peer closes (EOF or reset); panics after [`WITHIN`].
 async fn wait_closed(stream: &mut TcpStream) -> Vec<u8> {
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "the connection stayed open");
-    rest
+    read_until_closed(stream, WITHIN)
+        .await
+        .expect("the connection stayed open")
 }
 
 #[tokio::test]
@@ -96,7 +59,7 @@ async fn an_idle_connection_parks_and_its_next_requests_are_served() {
             .write_all(allowed(&format!("/v3/round{round}")).as_bytes())
             .await
             .unwrap();
-        let reply = read_response(&mut stream, &mut pending).await;
+        let reply = read_response(&mut stream, &mut pending, WITHIN).await;
         assert!(reply.starts_with("HTTP/1.1 200"), "round {round}: {reply}");
         wait_parked(&w, 1).await;
     }
@@ -124,15 +87,15 @@ async fn a_parked_connection_takes_a_head_in_pieces_and_pipelined_heads() {
     stream.write_all(a.as_bytes()).await.unwrap();
     wait_parked(&w, 0).await;
     stream.write_all(b.as_bytes()).await.unwrap();
-    let reply = read_response(&mut stream, &mut pending).await;
+    let reply = read_response(&mut stream, &mut pending, WITHIN).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     wait_parked(&w, 1).await;
 
     // Two heads in one segment after a park: both answered, in order.
     let both = format!("{}{}", allowed("/v3/p1"), allowed("/v3/p2"));
     stream.write_all(both.as_bytes()).await.unwrap();
-    let first = read_response(&mut stream, &mut pending).await;
-    let second = read_response(&mut stream, &mut pending).await;
+    let first = read_response(&mut stream, &mut pending, WITHIN).await;
+    let second = read_response(&mut stream, &mut pending, WITHIN).await;
     assert!(
         first.starts_with("HTTP/1.1 200") && second.starts_with("HTTP/1.1 200"),
         "{first}\n{second}"
@@ -149,7 +112,7 @@ async fn a_parked_connection_still_refuses_a_smuggled_head() {
         "GET /v3/x HTTP/1.1\r\nhost: cdn.test\r\napi_key: {API_KEY}\r\naccess_token: {PROD}\r\ncontent-length: 0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
     );
     stream.write_all(smuggled.as_bytes()).await.unwrap();
-    let reply = read_response(&mut stream, &mut pending).await;
+    let reply = read_response(&mut stream, &mut pending, WITHIN).await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.contains("x-stackgate-reason: bad_request"), "{reply}");
     for value in ALL_VALUES {

@@ -370,6 +370,65 @@ pub async fn read_to_end_or_error(
         .expect("the body neither ended nor failed within 10 s")
 }
 
+/// Reads one HTTP/1.1 response with a `content-length` from a raw
+/// connection and returns it as text. `pending` holds what was read beyond
+/// the previous response (pipelined answers), and keeps what is read
+/// beyond this one. Panics if the connection closes first or nothing whole
+/// arrives `within`.
+pub async fn read_response<R: tokio::io::AsyncRead + Unpin>(
+    read: &mut R,
+    pending: &mut Vec<u8>,
+    within: Duration,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(head_end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or_else(|| panic!("a content-length: {head}"));
+            let end = head_end + 4 + length;
+            if pending.len() >= end {
+                let response: Vec<u8> = pending.drain(..end).collect();
+                return String::from_utf8_lossy(&response).into_owned();
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, read.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no whole response within {within:?}"))
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(pending)
+        );
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Reads until the peer closes (FIN or reset) and returns what came before;
+/// `None` if the connection is still open after `within`.
+pub async fn read_until_closed<R: tokio::io::AsyncRead + Unpin>(
+    read: &mut R,
+    within: Duration,
+) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, read.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(out),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// Polls `condition` every 5 ms until it holds; panics after 10 s.
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
