@@ -19,7 +19,10 @@
 //!   whole registry, so at 100k and 1M tokens most of what the lookup and
 //!   the scope checks read misses the CPU caches, as with many clients.
 //!   Both put the token's header into one request before each call (a
-//!   header insert, ~10-20 ns, is inside the measured time).
+//!   header insert, ~10-20 ns, is inside the measured time), and give each
+//!   call a fresh `DigestMemo`, as a connection's first request has.
+//! - `decide/hot-same-connection/N`: `hot` with one `DigestMemo` for every
+//!   call, as one connection sending the same token again: no SHA-256.
 //! - `limits/{hot,spread}/N`: row 15 for the same permitted requests:
 //!   `Limits::penalized` (the client IP's failed-auth bucket) then
 //!   `Limits::admit` (the token's bucket, then the stack's origin bucket),
@@ -61,7 +64,7 @@ use stackgate::decision::{decide, Decision, ACCESS_TOKEN};
 use stackgate::limits::{Limits, MAX_TRACKED_IPS};
 use stackgate::registry::diff::next;
 use stackgate::registry::{
-    Digest, Environment, Lookup, Registry, Scope, StackRegistry, Stacks, Token,
+    Digest, DigestMemo, Environment, Lookup, Registry, Scope, StackRegistry, Stacks, Token,
 };
 use stackgate::route::{Cors, Route, RouteKind, Router, Upstream};
 
@@ -304,7 +307,13 @@ fn bench_size(c: &mut Criterion, n: usize) {
     // Every prepared request must be allowed, or the figures mean nothing.
     for v in values.iter().chain([&hot_value]) {
         parts.headers.insert(ACCESS_TOKEN, v.clone());
-        allowed(decide(&router, &stacks, &parts, now));
+        allowed(decide(
+            &router,
+            &stacks,
+            &parts,
+            &DigestMemo::default(),
+            now,
+        ));
     }
 
     let mut group = c.benchmark_group("lookup");
@@ -327,10 +336,20 @@ fn bench_size(c: &mut Criterion, n: usize) {
     // Both variants put the token header into the same, cache-warm request
     // (as a request just parsed is); they differ only in which token it is.
     let mut group = c.benchmark_group("decide");
+    // A fresh memo each time: a connection's first request, hashed.
     group.bench_function(BenchmarkId::new("hot", n), |b| {
         b.iter(|| {
             parts.headers.insert(ACCESS_TOKEN, hot_value.clone());
-            allowed(decide(&router, &stacks, black_box(&parts), now))
+            let memo = DigestMemo::default();
+            allowed(decide(&router, &stacks, black_box(&parts), &memo, now))
+        })
+    });
+    // One memo: the same connection sending the same token again.
+    group.bench_function(BenchmarkId::new("hot-same-connection", n), |b| {
+        let memo = DigestMemo::default();
+        b.iter(|| {
+            parts.headers.insert(ACCESS_TOKEN, hot_value.clone());
+            allowed(decide(&router, &stacks, black_box(&parts), &memo, now))
         })
     });
     group.bench_function(BenchmarkId::new("spread", n), |b| {
@@ -338,7 +357,8 @@ fn bench_size(c: &mut Criterion, n: usize) {
         b.iter(|| {
             next = (next + 1) % SPREAD;
             parts.headers.insert(ACCESS_TOKEN, values[next].clone());
-            allowed(decide(&router, &stacks, black_box(&parts), now))
+            let memo = DigestMemo::default();
+            allowed(decide(&router, &stacks, black_box(&parts), &memo, now))
         })
     });
     group.finish();

@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::registry::DigestMemo;
 use crate::sessions::ConnSessions;
 
 /// What a connection task knows about its connection.
@@ -32,6 +33,8 @@ pub struct ConnInfo {
     pub client_ip: http::HeaderValue,
     pub sessions: ConnSessions,
     pub activity: Arc<Activity>,
+    /// The digests of the token values this connection presented last.
+    pub digests: DigestMemo,
 }
 
 impl ConnInfo {
@@ -44,6 +47,7 @@ impl ConnInfo {
                 .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
             sessions,
             activity: Activity::new(),
+            digests: DigestMemo::default(),
         }
     }
 }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::canonical::{self, Ambiguity};
 use crate::registry::model::DEFAULT_BRANCH;
-use crate::registry::{Digest, Lookup, StackRegistry, Stacks, Token, TokenKind};
+use crate::registry::{DigestMemo, Lookup, Presented, StackRegistry, Stacks, Token, TokenKind};
 use crate::reject::{BadRequest, Reject};
 use crate::route::{Route, Router};
 
@@ -210,6 +210,7 @@ pub fn decide<'a>(
     router: &'a Router,
     stacks: &'a Stacks,
     parts: &'a Parts,
+    digests: &DigestMemo,
     now: Instant,
 ) -> Decision<'a> {
     let headers = Read::of(&parts.headers);
@@ -284,11 +285,13 @@ pub fn decide<'a>(
     let registry = &view.registry;
     let access = credential(headers.access_token);
     let preview = credential(headers.preview_token);
-    let lookup = |value: &[u8]| registry.lookup(&Digest::of(value));
+    let lookup = |field, value: &[u8]| registry.lookup(&digests.digest(field, value));
+    let preview_lookup = || preview.map(|value| lookup(Presented::PreviewToken, value));
+    let access_lookup = || access.map(|value| lookup(Presented::AccessToken, value));
 
     let (token, session) = if route.kind.is_preview() {
-        let by_preview = preview.map(lookup);
-        let by_access = access.map(lookup);
+        let by_preview = preview_lookup();
+        let by_access = access_lookup();
         // Row 9.
         if matches!(by_preview, Some(Lookup::Revoked(_))) {
             return refuse_stack(
@@ -321,7 +324,7 @@ pub fn decide<'a>(
         (token, SessionKind::Preview)
     } else {
         // Row 8 (a preview_token beside an access_token plays no part).
-        let by_access = access.map(lookup);
+        let by_access = access_lookup();
         let preview_value = matches!(
             by_access,
             Some(Lookup::Live(_, TokenKind::Preview) | Lookup::Revoked(TokenKind::Preview))
@@ -435,13 +438,14 @@ pub fn recheck<'a>(
     stacks: &'a Stacks,
     parts: &'a Parts,
     permit: &Permit<'_>,
+    digests: &DigestMemo,
     now: Instant,
 ) -> Option<Refusal<'a>> {
     let current = permit.stack.load().as_ref().map(|v| v.registry.version());
     if current == Some(permit.version) {
         return None;
     }
-    match decide(router, stacks, parts, now) {
+    match decide(router, stacks, parts, digests, now) {
         Decision::Refuse(refusal) => Some(refusal),
         Decision::Forward(_) | Decision::Preflight(_) => None,
     }

@@ -83,20 +83,6 @@ async fn assert_serves(addr: SocketAddr, what: &str) {
     assert_eq!(reply.status, 200, "{what}: {}", reply.text());
 }
 
-/// An HTTP/1.1 client connection whose driver task ends when it closes.
-async fn h1(
-    addr: SocketAddr,
-) -> (
-    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    JoinHandle<hyper::Result<()>>,
-) {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    (sender, tokio::spawn(connection))
-}
-
 /// Resident set size of this process (gateway, fakes and test alike).
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

@@ -79,6 +79,111 @@ async fn an_allowed_request_arrives_intact() {
     assert_eq!(seen.header("x-request-id"), Some(request_id.as_str()));
 }
 
+/// A connection remembers the digest of the token it sent last (so that
+/// the same token again is not hashed again): every other value on that
+/// connection, however close to it, is still decided on its own.
+#[tokio::test]
+async fn one_connection_changing_tokens_is_decided_on_each() {
+    let w = world().await;
+    let (mut sender, _connection) = h1(w.gateway.http).await;
+    let prefix = &PROD[..PROD.len() - 1];
+    let longer = format!("{PROD}x");
+    let cases: [(&str, &str, &[(&str, &str)], u16, &str); 10] = [
+        (
+            "cdn.test",
+            "/v3/a",
+            &[SITE, ("access_token", PROD)],
+            200,
+            PROD,
+        ),
+        (
+            "cdn.test",
+            "/v3/b",
+            &[SITE, ("access_token", prefix)],
+            401,
+            "invalid_token",
+        ),
+        (
+            "cdn.test",
+            "/v3/c",
+            &[SITE, ("access_token", &longer)],
+            401,
+            "invalid_token",
+        ),
+        (
+            "cdn.test",
+            "/v3/d",
+            &[SITE, ("access_token", PROD)],
+            200,
+            PROD,
+        ),
+        (
+            "cdn.test",
+            "/v3/e?environment=staging",
+            &[SITE, ("access_token", STAGING)],
+            200,
+            STAGING,
+        ),
+        (
+            "cdn.test",
+            "/v3/f?environment=staging",
+            &[SITE, ("access_token", PROD)],
+            403,
+            "environment_out_of_scope",
+        ),
+        (
+            "cdn.test",
+            "/v3/g",
+            &[SITE, ("access_token", PROD_PREVIEW)],
+            403,
+            "preview_token_on_delivery",
+        ),
+        (
+            "preview.test",
+            "/v3/h",
+            &[
+                SITE,
+                ("preview_token", PROD_PREVIEW),
+                ("access_token", PROD),
+            ],
+            200,
+            PROD,
+        ),
+        (
+            "preview.test",
+            "/v3/i",
+            &[SITE, ("preview_token", PROD), ("access_token", PROD)],
+            401,
+            "invalid_preview_token",
+        ),
+        (
+            "preview.test",
+            "/v3/j",
+            &[
+                SITE,
+                ("preview_token", PROD_PREVIEW),
+                ("access_token", STAGING),
+            ],
+            401,
+            "token_mismatch",
+        ),
+    ];
+    for (host, uri, headers, status, expected) in cases {
+        let before = w.origin.request_count();
+        let response = sender.send_request(get(host, uri, headers)).await.unwrap();
+        let reply = read(response).await;
+        assert_eq!(reply.status, status, "{uri}: {}", reply.text());
+        if status == 200 {
+            let seen = w.origin.requests().pop().unwrap();
+            assert_eq!(seen.path, uri.split('?').next().unwrap());
+            assert_eq!(seen.header("access_token"), Some(expected), "{uri}");
+        } else {
+            assert_eq!(reply.reason(), expected, "{uri}");
+            assert_eq!(w.origin.request_count(), before, "{uri}: forwarded");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_client_request_id_is_kept_and_returned() {
     let w = world().await;

@@ -520,9 +520,13 @@ async fn a_request_decided_before_a_deletion_does_not_resurrect_its_token() {
     // Decided on the version that still lists the token...
     let (parts, _) = delivery("/v3/entries", PROD).into_parts();
     let now = tokio::time::Instant::now();
-    let stackgate::decision::Decision::Forward(permit) =
-        stackgate::decision::decide(&shared.router, &shared.stacks, &parts, now)
-    else {
+    let stackgate::decision::Decision::Forward(permit) = stackgate::decision::decide(
+        &shared.router,
+        &shared.stacks,
+        &parts,
+        &Default::default(),
+        now,
+    ) else {
         panic!("PROD is allowed before its deletion");
     };
     // ... which is deleted (its state forgotten) before the request is counted.

@@ -19,7 +19,7 @@ use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 
 use super::*;
 use crate::registry::diff::next;
-use crate::registry::{Environment, Registry, Scope, Token};
+use crate::registry::{Digest, Environment, Registry, Scope, Token};
 use crate::route::{Cors, Route, RouteKind, Upstream};
 
 /// Cases per property: enough to reach every row, cheap enough for `cargo test`.
@@ -766,7 +766,7 @@ fn decide_and_check_http_never_panic_on_junk() {
             parsed.set(parsed.get() + 1);
             let _ = check_http(&parts, 0);
             let _ = check_http(&parts, u64::MAX);
-            let _ = decide(&w.router, &w.stacks, &parts, now());
+            let _ = decide(&w.router, &w.stacks, &parts, &DigestMemo::default(), now());
             Ok(())
         })
         .unwrap();
@@ -792,7 +792,7 @@ fn forward_only_when_every_row_allows() {
                 return Ok(());
             };
             let _ = check_http(&parts, 1 << 20);
-            match decide(&w.router, &w.stacks, &parts, now()) {
+            match decide(&w.router, &w.stacks, &parts, &DigestMemo::default(), now()) {
                 Decision::Forward(permit) => {
                     forwarded.set(forwarded.get() + 1);
                     if let Some(why) = must_refuse(&parts) {

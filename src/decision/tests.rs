@@ -10,7 +10,7 @@ use http::{Method, Request};
 use super::*;
 use crate::config::{RegistrySettings, Source};
 use crate::registry::diff::next;
-use crate::registry::{Environment, Registry, Scope, Token};
+use crate::registry::{Digest, Environment, Registry, Scope, Token};
 use crate::route::{Cors, Route, RouteKind, Upstream};
 
 fn route(index: usize, kind: RouteKind, host: &str) -> Arc<Route> {
@@ -182,7 +182,13 @@ fn run(world: &World, method: Method, host: &str, uri: &str, headers: &[(&str, &
     let (parts, ()) = builder.body(()).unwrap().into_parts();
     // Later than the stale stack's 1 ms, well inside the others' hour.
     let now = Instant::now() + Duration::from_secs(1);
-    match decide(&world.router, &world.stacks, &parts, now) {
+    match decide(
+        &world.router,
+        &world.stacks,
+        &parts,
+        &DigestMemo::default(),
+        now,
+    ) {
         Decision::Forward(permit) => {
             let uid: &'static str = Box::leak(permit.token.uid.to_string().into_boxed_str());
             Forward(uid, permit.session)
@@ -323,7 +329,13 @@ fn refusals_carry_the_token_uid_once_known() {
         .body(())
         .unwrap()
         .into_parts();
-    match decide(&w.router, &w.stacks, &parts, Instant::now()) {
+    match decide(
+        &w.router,
+        &w.stacks,
+        &parts,
+        &DigestMemo::default(),
+        Instant::now(),
+    ) {
         Decision::Refuse(r) => {
             assert_eq!(r.token.as_deref(), Some("blt_prod"));
             assert_eq!(r.stack.map(|s| &*s.name), Some("website"));
@@ -343,7 +355,13 @@ fn a_permit_carries_what_revocation_needs() {
         .body(())
         .unwrap()
         .into_parts();
-    let Decision::Forward(permit) = decide(&w.router, &w.stacks, &parts, Instant::now()) else {
+    let Decision::Forward(permit) = decide(
+        &w.router,
+        &w.stacks,
+        &parts,
+        &DigestMemo::default(),
+        Instant::now(),
+    ) else {
         panic!("expected a permit");
     };
     assert_eq!(permit.branch, "deploy");
@@ -478,10 +496,23 @@ async fn a_permit_is_decided_again_when_the_registry_moved() {
         .into_parts();
     let now = Instant::now();
     let recheck = |permit: &Permit<'_>| {
-        recheck(&world.router, &world.stacks, &parts, permit, now)
-            .map(|refusal| refusal.reject.reason())
+        recheck(
+            &world.router,
+            &world.stacks,
+            &parts,
+            permit,
+            &DigestMemo::default(),
+            now,
+        )
+        .map(|refusal| refusal.reject.reason())
     };
-    let Decision::Forward(permit) = decide(&world.router, &world.stacks, &parts, now) else {
+    let Decision::Forward(permit) = decide(
+        &world.router,
+        &world.stacks,
+        &parts,
+        &DigestMemo::default(),
+        now,
+    ) else {
         panic!("blt_prod may read production");
     };
     assert_eq!(recheck(&permit), None, "nothing moved");

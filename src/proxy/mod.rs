@@ -87,7 +87,13 @@ async fn route_request(
         return Ok(finish(refuse(shared, parts, refusal, started), activity));
     }
     let client = conn.peer.ip();
-    match decide(&shared.router, &shared.stacks, parts, started) {
+    match decide(
+        &shared.router,
+        &shared.stacks,
+        parts,
+        &conn.digests,
+        started,
+    ) {
         Decision::Preflight(route) => {
             let access = Access {
                 route: route.kind.name(),
@@ -259,7 +265,8 @@ async fn forward(
     let guard = shared
         .sessions
         .begin(&conn.sessions, &permit, parts.version == Version::HTTP_2);
-    if let Some(refusal) = recheck(&shared.router, &shared.stacks, parts, &permit, started) {
+    let (router, stacks) = (&shared.router, &shared.stacks);
+    if let Some(refusal) = recheck(router, stacks, parts, &permit, &conn.digests, started) {
         drop(guard);
         // The token's bucket was made on admission; it may be gone since.
         shared.forget_if_gone(permit.stack, &permit.token.uid, None);

@@ -218,6 +218,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use crate::decision::{decide, Decision, ACCESS_TOKEN};
+    use crate::registry::DigestMemo;
 
     #[test]
     fn the_hop_by_hop_match_agrees_with_the_table() {
@@ -244,7 +245,13 @@ mod tests {
             .unwrap()
             .into_parts();
         let now = tokio::time::Instant::now();
-        let Decision::Forward(permit) = decide(&world.router, &world.stacks, &parts, now) else {
+        let Decision::Forward(permit) = decide(
+            &world.router,
+            &world.stacks,
+            &parts,
+            &DigestMemo::default(),
+            now,
+        ) else {
             panic!("a preview request with both credentials is allowed");
         };
         let metrics = crate::metrics::Metrics::new().unwrap();

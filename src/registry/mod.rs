@@ -18,7 +18,9 @@ pub mod source;
 pub mod stack;
 
 pub use diff::Diff;
-pub use model::{Digest, Environment, Lookup, Registry, Scope, Token, TokenKind};
+pub use model::{
+    Digest, DigestMemo, Environment, Lookup, Presented, Registry, Scope, Token, TokenKind,
+};
 pub use stack::{Change, StackRegistry, SyncReport, View};
 
 use std::collections::HashMap;

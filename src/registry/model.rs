@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -66,6 +66,65 @@ impl Hash for Digest {
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Digest({:02x}{:02x}..)", self.0[0], self.0[1])
+    }
+}
+
+/// The credential header a presented value came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presented {
+    AccessToken = 0,
+    PreviewToken = 1,
+}
+
+/// The digests of the last values one connection presented, one per
+/// credential header: a connection that sends the same token on every
+/// request (a site's visitors behind its one delivery token) hashes it once.
+///
+/// Only the digest is remembered, never a lookup: every request still looks
+/// its digest up in the current registry. Kept per connection and never
+/// shared, so that finding a value here tells a client only that it sent the
+/// same value before; the value is compared in constant time.
+/// [`DigestMemo::forget`] drops the values (a parked connection keeps none).
+#[derive(Default)]
+pub struct DigestMemo(Mutex<Option<Box<[Remembered; 2]>>>);
+
+#[derive(Default)]
+struct Remembered {
+    value: Vec<u8>,
+    digest: Option<Digest>,
+}
+
+impl DigestMemo {
+    /// Longer values are hashed every time, not kept.
+    const VALUE_MAX: usize = 256;
+
+    /// The digest of `value`, presented in `field`.
+    pub fn digest(&self, field: Presented, value: &[u8]) -> Digest {
+        if value.len() > Self::VALUE_MAX {
+            return Digest::of(value);
+        }
+        // Held by another stream of the same HTTP/2 connection: hash.
+        let Ok(mut memo) = self.0.try_lock() else {
+            return Digest::of(value);
+        };
+        let slot = &mut memo.get_or_insert_with(Box::default)[field as usize];
+        if let Some(digest) = slot.digest {
+            if bool::from(slot.value.as_slice().ct_eq(value)) {
+                return digest;
+            }
+        }
+        let digest = Digest::of(value);
+        slot.value.clear();
+        slot.value.extend_from_slice(value);
+        slot.digest = Some(digest);
+        digest
+    }
+
+    /// Drops the remembered values.
+    pub fn forget(&self) {
+        if let Ok(mut memo) = self.0.lock() {
+            *memo = None;
+        }
     }
 }
 
@@ -391,6 +450,33 @@ impl Registry {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_remembered_digest_is_only_given_for_the_same_value() {
+        let memo = DigestMemo::default();
+        let of = |v: &str| Digest::of(v.as_bytes());
+        let (access, preview) = (Presented::AccessToken, Presented::PreviewToken);
+        assert_eq!(memo.digest(access, b"cs_one"), of("cs_one"));
+        assert_eq!(memo.digest(access, b"cs_one"), of("cs_one"));
+        // Another value, a prefix, an extension, an empty value: each its own.
+        for value in ["cs_two", "cs_tw", "cs_two_", "", "cs_one"] {
+            assert_eq!(
+                memo.digest(access, value.as_bytes()),
+                of(value),
+                "{value:?}"
+            );
+        }
+        // The other header has its own slot.
+        assert_eq!(memo.digest(preview, b"cs_pre"), of("cs_pre"));
+        assert_eq!(memo.digest(access, b"cs_one"), of("cs_one"));
+        assert_eq!(memo.digest(preview, b"cs_one"), of("cs_one"));
+        memo.forget();
+        assert!(memo.0.lock().is_ok_and(|m| m.is_none()));
+        assert_eq!(memo.digest(access, b"cs_one"), of("cs_one"));
+        let long = "x".repeat(DigestMemo::VALUE_MAX + 1);
+        assert_eq!(memo.digest(access, long.as_bytes()), of(&long));
+        assert_eq!(memo.digest(access, b"cs_one"), of("cs_one"));
+    }
 
     pub(crate) fn token(uid: &str, value: &str, preview: Option<&str>) -> Token {
         Token {

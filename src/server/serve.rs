@@ -223,6 +223,7 @@ async fn serve_http1<I, S, B>(
                 return;
             };
             tracing::debug!(peer = %watch.info.peer, "connection parked");
+            watch.info.digests.forget();
             let counted = Parked::new(parked);
             // `poll_read_ready` keeps the waker in the socket's own slot: no
             // waiter node in the task, as `readable()` would keep.

@@ -293,6 +293,20 @@ pub fn get(host: &str, uri: &str, headers: &[(&str, &str)]) -> Request<Full<Byte
     builder.body(Full::new(Bytes::new())).unwrap()
 }
 
+/// An HTTP/1.1 client connection whose driver task ends when it closes.
+pub async fn h1(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    (sender, tokio::spawn(connection))
+}
+
 /// Sends one request on a fresh HTTP/1.1 connection and reads the whole answer.
 pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Reply {
     let stream = TcpStream::connect(addr).await.expect("connect");
