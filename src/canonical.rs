@@ -154,6 +154,9 @@ pub struct QueryRead<'a> {
     pub credential: Option<&'static str>,
     /// Every `environment` value, decoded, in order.
     pub environments: Vec<Cow<'a, str>>,
+    /// The query is already what [`canonical_query`] makes of it, and is
+    /// forwarded as it is.
+    pub canonical: bool,
 }
 
 /// Reads a query: `&`-separated pairs only (a `;` is a second reading), no
@@ -161,11 +164,15 @@ pub struct QueryRead<'a> {
 /// (the gateway checks the `branch` header). Names in another case are read
 /// as the name (rows 3 and 13 decide on them).
 pub fn read_query(query: &str) -> Result<QueryRead<'_>, Ambiguity> {
-    let mut read = QueryRead::default();
+    let mut read = QueryRead {
+        canonical: true,
+        ..QueryRead::default()
+    };
     let bytes = query.as_bytes();
     let mut start = 0;
     // The pairs `query.split('&')` yields, each read in one pass over its
-    // bytes: where it ends, its first `=`, whether it needs decoding.
+    // bytes: where it ends, its first `=`, whether it needs decoding, and
+    // whether it is canonical (see `is_canonical`).
     while start <= bytes.len() {
         let (mut end, mut equals, mut encoded) = (start, None, false);
         while let Some(&byte) = bytes.get(end) {
@@ -174,10 +181,11 @@ pub fn read_query(query: &str) -> Result<QueryRead<'_>, Ambiguity> {
                 b';' => return Err(Ambiguity::Query),
                 b'=' if equals.is_none() => equals = Some(end),
                 b'%' | b'+' => encoded = true,
-                _ => {}
+                _ => read.canonical &= KEPT[usize::from(byte)],
             }
             end += 1;
         }
+        read.canonical &= end > start && !encoded;
         let (pair, pair_start) = (&query[start..end], start);
         start = end + 1;
         let (key, value) = if encoded {
@@ -531,6 +539,26 @@ mod tests {
                 .next()
                 .map(|(_, v)| v.into_owned());
             assert_eq!(Some(decode(text).into_owned()), theirs, "{text}");
+        }
+    }
+
+    #[test]
+    fn reading_a_query_tells_whether_it_is_canonical() {
+        // Every query of up to 4 bytes over the bytes that matter.
+        let alphabet = b"a=&%+[ ;";
+        let mut queries = vec![String::new()];
+        for _ in 0..4 {
+            let longer: Vec<String> = queries
+                .iter()
+                .flat_map(|q| alphabet.iter().map(move |&b| format!("{q}{}", char::from(b))))
+                .collect();
+            queries.extend(longer);
+        }
+        queries.extend(["include[]=author&locale=en-us", "a=1&&b", "a==1"].map(String::from));
+        for query in &queries {
+            if let Ok(read) = read_query(query) {
+                assert_eq!(read.canonical, is_canonical(query), "{query:?}");
+            }
         }
     }
 

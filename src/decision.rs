@@ -62,6 +62,8 @@ pub struct Permit<'a> {
     pub branch: Cow<'a, str>,
     /// The version of the registry that decided it (see [`recheck`]).
     pub version: u64,
+    /// The query is forwarded as it is (see [`canonical::canonical_query`]).
+    pub query_canonical: bool,
 }
 
 /// A refused request, with what is known about it for logs and metrics.
@@ -379,6 +381,7 @@ pub fn decide<'a>(
         environments,
         branch,
         version: registry.version(),
+        query_canonical: query.canonical,
     })
 }
 

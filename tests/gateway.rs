@@ -88,7 +88,10 @@ async fn one_connection_changing_tokens_is_decided_on_each() {
     let (mut sender, _connection) = h1(w.gateway.http).await;
     let prefix = &PROD[..PROD.len() - 1];
     let longer = format!("{PROD}x");
-    let cases: [(&str, &str, &[(&str, &str)], u16, &str); 10] = [
+    // Host, target, headers, the status, and the token the origin sees or
+    // the refusal's reason.
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], u16, &'a str);
+    let cases: [Case<'_>; 10] = [
         (
             "cdn.test",
             "/v3/a",

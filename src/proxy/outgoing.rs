@@ -75,7 +75,10 @@ pub fn upstream_request(
     body: Bytes,
     pooled: bool,
 ) -> Option<Request<Full<Bytes>>> {
-    let query = parts.uri.query().map(canonical_query);
+    let query = match parts.uri.query() {
+        Some(query) if permit.query_canonical => Some(Cow::Borrowed(query)),
+        query => query.map(canonical_query),
+    };
     let path_and_query = match (parts.uri.path_and_query(), &permit.path, &query) {
         // Nothing rewritten: the client's path and query as they are.
         (Some(pq), Cow::Borrowed(path), None | Some(Cow::Borrowed(_)))

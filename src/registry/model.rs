@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use subtle::ConstantTimeEq;
 
 /// How long a removed token's digest is remembered, so that it is answered
 /// `token_revoked` rather than `invalid_token`.
@@ -50,7 +49,7 @@ impl Digest {
 
 impl PartialEq for Digest {
     fn eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&other.0).into()
+        constant_time_eq::constant_time_eq_32(&self.0, &other.0)
     }
 }
 
@@ -109,7 +108,7 @@ impl DigestMemo {
         };
         let slot = &mut memo.get_or_insert_with(Box::default)[field as usize];
         if let Some(digest) = slot.digest {
-            if bool::from(slot.value.as_slice().ct_eq(value)) {
+            if constant_time_eq::constant_time_eq(&slot.value, value) {
                 return digest;
             }
         }

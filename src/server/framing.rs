@@ -152,6 +152,17 @@ impl Framing {
             head.line_len += 1;
             return (1, false);
         }
+        if head.in_name
+            && head.name_len == 0
+            && !matches!(
+                byte.to_ascii_lowercase(),
+                b'c' | b't' | b':' | b'\r' | b'\n'
+            )
+        {
+            // Neither `content-length` nor `transfer-encoding`: the line is
+            // skipped whole, like a value.
+            head.in_name = false;
+        }
         if head.in_name {
             // A run of name bytes in one go.
             let mut used = 0;
@@ -375,6 +386,9 @@ mod tests {
             ("GET / HTTP/1.1\r\nx-note: content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n", false),
             ("GET / HTTP/1.1\r\nx-a-very-long-header-name-indeed: 1\r\ncontent-length: 0\r\n\r\n", false),
             ("GET / HTTP/1.1\nhost: a\ncontent-length: 1\ntransfer-encoding: x\n\n", true),
+            ("GET / HTTP/1.1\r\nAccept: content-length: 2\r\nCONTENT-length: 2\r\nTransfer-Encoding: chunked\r\n\r\n", true),
+            ("GET / HTTP/1.1\r\na-content-length: 1\r\nx-transfer-encoding: chunked\r\ncontent-length: 0\r\n\r\n", false),
+            ("GET / HTTP/1.1\r\n: content-length\r\ntransfer-encoding: chunked\r\n\r\n", false),
             ("POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\nabcGET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n", true),
             ("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n", false),
             ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\ncontent-length: 1\ntransfer-encoding: x\n\n", false),
