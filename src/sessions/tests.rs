@@ -84,6 +84,7 @@ fn permit<'a>(
         environments: vec![],
         branch: branch.into(),
         version: 1,
+        query_canonical: true,
     }
 }
 
