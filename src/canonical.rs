@@ -550,7 +550,11 @@ mod tests {
         for _ in 0..4 {
             let longer: Vec<String> = queries
                 .iter()
-                .flat_map(|q| alphabet.iter().map(move |&b| format!("{q}{}", char::from(b))))
+                .flat_map(|q| {
+                    alphabet
+                        .iter()
+                        .map(move |&b| format!("{q}{}", char::from(b)))
+                })
                 .collect();
             queries.extend(longer);
         }

@@ -71,6 +71,11 @@ pub struct Activity {
     write_blocked: AtomicBool,
     /// HTTP/1.1 is letting go of the socket without closing it (parking).
     keep_socket: AtomicBool,
+    /// 1 + microseconds after `base` when the upstream call of the
+    /// HTTP/1.1 request in flight began, or 0.
+    upstream_since: AtomicU64,
+    /// The watchdog found that upstream call past `request_timeout`.
+    upstream_expired: AtomicBool,
     /// HTTP/2 response bodies in flight, each with [`SendClock`]'s state.
     sends: std::sync::Mutex<Vec<std::sync::Weak<SendState>>>,
 }
@@ -126,6 +131,8 @@ impl Activity {
             abortive: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
             keep_socket: AtomicBool::new(false),
+            upstream_since: AtomicU64::new(0),
+            upstream_expired: AtomicBool::new(false),
             sends: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -251,6 +258,52 @@ impl Activity {
         }
     }
 
+    /// Runs the upstream `call` of the HTTP/1.1 request in flight, begun
+    /// at `since`, until it is done (`Some`) or the connection's watchdog
+    /// finds it has run for `request_timeout` (`None`; see
+    /// [`Activity::expire_upstream`]). The watchdog runs in the connection's
+    /// task, which polls hyper, and with it this future, right after: the
+    /// request needs no timer of its own. (HTTP/2 streams run on tasks of
+    /// their own and keep one.)
+    pub async fn within_request_timeout<F: Future>(
+        &self,
+        since: Instant,
+        call: F,
+    ) -> Option<F::Output> {
+        let micros = since.saturating_duration_since(self.base).as_micros();
+        let stored = u64::try_from(micros).unwrap_or(u64::MAX - 1) + 1;
+        self.upstream_expired.store(false, Ordering::Release);
+        self.upstream_since.store(stored, Ordering::Release);
+        let _done = UpstreamDone(self);
+        let mut call = std::pin::pin!(call);
+        std::future::poll_fn(|cx| match call.as_mut().poll(cx) {
+            Poll::Ready(output) => Poll::Ready(Some(output)),
+            Poll::Pending if self.upstream_expired.load(Ordering::Acquire) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        })
+        .await
+    }
+
+    /// When the upstream call in flight reaches `request_timeout`.
+    pub fn upstream_deadline(&self, request_timeout: Duration) -> Option<Instant> {
+        match self.upstream_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(self.base + Duration::from_micros(since - 1) + request_timeout),
+        }
+    }
+
+    /// Marks the upstream call in flight expired if it has reached
+    /// `request_timeout` by `now`; true if it was.
+    pub fn expire_upstream(&self, now: Instant, request_timeout: Duration) -> bool {
+        let expired = self
+            .upstream_deadline(request_timeout)
+            .is_some_and(|deadline| deadline <= now);
+        if expired {
+            self.upstream_expired.store(true, Ordering::Release);
+        }
+        expired
+    }
+
     /// When the connection must close unless something happens first.
     pub fn deadline(&self, header_timeout: Duration, idle_timeout: Duration) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
@@ -265,6 +318,15 @@ impl Activity {
             return Some(at(partial - 1, header_timeout));
         }
         Some(at(self.idle_since.load(Ordering::Acquire), idle_timeout))
+    }
+}
+
+/// Clears the upstream call's start when it ends, however it ends.
+struct UpstreamDone<'a>(&'a Activity);
+
+impl Drop for UpstreamDone<'_> {
+    fn drop(&mut self) {
+        self.0.upstream_since.store(0, Ordering::Release);
     }
 }
 

@@ -558,9 +558,33 @@ async fn cors_preflights_are_answered_locally() {
 async fn upstream_errors_are_502_and_timeouts_504() {
     let w = world_with("[upstream]\nrequest_timeout = \"300ms\"\n").await;
     let token = [SITE, ("access_token", PROD)];
-    let reply = send(w.gateway.http, get("cdn.test", "/slow?ms=3000", &token)).await;
+    // HTTP/1.1 (the connection's watchdog times the call): twice on one
+    // keep-alive connection, then a prompt answer on it.
+    let (mut sender, _connection) = h1(w.gateway.http).await;
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let slow = get("cdn.test", "/slow?ms=3000", &token);
+        let reply = read(sender.send_request(slow).await.unwrap()).await;
+        assert_eq!(reply.status, 504);
+        assert_eq!(reply.reason(), "upstream_timeout");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+    let prompt = get("cdn.test", "/slow?ms=1", &token);
+    let reply = read(sender.send_request(prompt).await.unwrap()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // HTTP/2 (each stream times its own call).
+    let mut h2 = h2c(w.gateway.http).await;
+    let started = std::time::Instant::now();
+    let slow = http::Request::builder()
+        .uri("http://cdn.test/slow?ms=3000")
+        .header("api_key", API_KEY)
+        .header("access_token", PROD)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let reply = read(h2.send_request(slow).await.unwrap()).await;
     assert_eq!(reply.status, 504);
     assert_eq!(reply.reason(), "upstream_timeout");
+    assert!(started.elapsed() >= Duration::from_millis(300));
     let reply = send(w.gateway.http, get("cdn.test", "/reset", &token)).await;
     assert_eq!(reply.status, 502);
     assert_eq!(reply.reason(), "upstream_error");

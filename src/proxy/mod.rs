@@ -283,8 +283,7 @@ async fn forward(
     };
 
     let upstream_started = Instant::now();
-    let timeout = shared.config.upstream.request_timeout;
-    let call = tokio::time::timeout(timeout, async {
+    let call = async {
         let upstream = &permit.route.upstream;
         if pooled {
             let held = shared
@@ -302,18 +301,28 @@ async fn forward(
                 .map(|(response, lease)| (response, Lease::H1(lease)))
                 .map_err(UpstreamFailure::H1)
         }
-    });
+    };
     // A revoked HTTP/2 stream is reset on its own: its task is dropped once
     // the request's token is cancelled, this future with it, whatever hyper
     // is waiting for. On HTTP/1.1 the connection task drops the connection.
     if let Some(cancel) = guard.cancel() {
         crate::conn::reset_stream_on(cancel);
     }
-    let answer = call.await;
+    // `request_timeout` bounds the call: on HTTP/1.1 through the
+    // connection's watchdog, on HTTP/2 (a task per stream) with a timer.
+    let answer = if parts.version == Version::HTTP_2 {
+        let timeout = shared.config.upstream.request_timeout;
+        tokio::time::timeout(timeout, call).await.ok()
+    } else {
+        let activity = activity.activity();
+        activity
+            .within_request_timeout(upstream_started, call)
+            .await
+    };
     let kind = permit.route.kind;
     let (upstream, lease) = match answer {
-        Ok(Ok(answered)) => answered,
-        Ok(Err(err)) => {
+        Some(Ok(answered)) => answered,
+        Some(Err(err)) => {
             tracing::warn!(route = line.access().route, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
             let reject = if matches!(err, UpstreamFailure::H1(SendError::Busy)) {
                 Reject::UpstreamBusy
@@ -324,7 +333,7 @@ async fn forward(
             };
             return refused(&mut line, permit_refusal(&permit, reject), activity);
         }
-        Err(_elapsed) => {
+        None => {
             return refused(
                 &mut line,
                 permit_refusal(&permit, Reject::UpstreamTimeout),

@@ -107,7 +107,8 @@ pub async fn serve_connection<I>(
         Arc::clone(&info.sessions.socket),
         server.send_timeout,
     ));
-    let mut watch = Watch::new(&info, server, shutdown);
+    let request_timeout = shared.config.upstream.request_timeout;
+    let mut watch = Watch::new(&info, server, request_timeout, shutdown);
     let Some(http2) = first_bytes(&mut io, &mut watch).await else {
         return;
     };
@@ -275,6 +276,8 @@ struct Watch<'a> {
     info: &'a ConnInfo,
     /// `header_timeout`, `idle_timeout`, `send_timeout`.
     server: &'a ServerSettings,
+    /// `upstream.request_timeout`, for HTTP/1.1's upstream calls.
+    request_timeout: Duration,
     revoked: CancellationToken,
     shutdown: CancellationToken,
     draining: bool,
@@ -282,10 +285,16 @@ struct Watch<'a> {
 }
 
 impl<'a> Watch<'a> {
-    fn new(info: &'a ConnInfo, server: &'a ServerSettings, shutdown: CancellationToken) -> Self {
+    fn new(
+        info: &'a ConnInfo,
+        server: &'a ServerSettings,
+        request_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
         let mut watch = Watch {
             info,
             server,
+            request_timeout,
             revoked: info.sessions.cancel.clone(),
             shutdown,
             draining: false,
@@ -306,15 +315,16 @@ impl<'a> Watch<'a> {
     fn rearm(&mut self, now: Instant, parking: bool) {
         let t = self.server;
         let mut every = t.header_timeout.min(t.idle_timeout).min(t.send_timeout);
+        every = every.min(self.request_timeout);
         if parking {
             every = every.min(PARK_AFTER);
         }
         let mut next = now + every;
-        if let Some(deadline) = self
-            .info
-            .activity
-            .deadline(t.header_timeout, t.idle_timeout)
-        {
+        let activity = &self.info.activity;
+        if let Some(deadline) = activity.deadline(t.header_timeout, t.idle_timeout) {
+            next = next.min(deadline);
+        }
+        if let Some(deadline) = activity.upstream_deadline(self.request_timeout) {
             next = next.min(deadline);
         }
         if parking {
@@ -379,6 +389,11 @@ impl<'a> Watch<'a> {
                     let now = Instant::now();
                     if self.expired(now) {
                         return Ran::Ended;
+                    }
+                    // An HTTP/1.1 upstream call past `request_timeout`
+                    // answers 504 when hyper polls it, next in this loop.
+                    if self.info.activity.expire_upstream(now, self.request_timeout) {
+                        tracing::debug!(peer = %self.info.peer, "upstream call past request_timeout");
                     }
                     // HTTP/2 streams whose client took nothing for
                     // `send_timeout` are reset; the connection and its other
