@@ -256,6 +256,28 @@ impl Drop for Parked<'_> {
     }
 }
 
+/// Waits for `token` to be cancelled, as `token.cancelled()` does, more
+/// cheaply when polled often. The first poll leaves the task's waker with
+/// the token; every later poll only reads whether it was cancelled (an
+/// atomic load), instead of polling its `Notify` again, which takes a lock.
+/// A connection's task is woken several times per request, and polls its
+/// revocation and shutdown tokens each time.
+async fn cancelled(token: &CancellationToken) {
+    let mut wait = std::pin::pin!(token.cancelled());
+    let mut registered = false;
+    std::future::poll_fn(|cx| {
+        if token.is_cancelled() {
+            return Poll::Ready(());
+        }
+        if !registered {
+            registered = true;
+            return wait.as_mut().poll(cx);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// Polls `future` once, with the task's waker.
 async fn poll_once<F: Future + Unpin>(mut future: F) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut future).poll(cx))).await
@@ -371,7 +393,7 @@ impl<'a> Watch<'a> {
             // is not polled again, so not one more byte goes out on it.
             tokio::select! {
                 biased;
-                () = self.revoked.cancelled() => {
+                () = cancelled(&self.revoked) => {
                     self.revoke();
                     return Ran::Ended;
                 }
@@ -381,7 +403,7 @@ impl<'a> Watch<'a> {
                     }
                     return Ran::Ended;
                 }
-                () = self.shutdown.cancelled(), if !self.draining => {
+                () = cancelled(&self.shutdown), if !self.draining => {
                     shut(connection.as_mut());
                     self.draining = true;
                 }
@@ -420,11 +442,11 @@ impl<'a> Watch<'a> {
         loop {
             tokio::select! {
                 biased;
-                () = self.revoked.cancelled() => {
+                () = cancelled(&self.revoked) => {
                     self.revoke();
                     return None;
                 }
-                () = self.shutdown.cancelled() => return None,
+                () = cancelled(&self.shutdown) => return None,
                 output = future.as_mut() => return Some(output),
                 () = self.timer.as_mut() => {
                     let now = Instant::now();
