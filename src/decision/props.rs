@@ -766,7 +766,7 @@ fn decide_and_check_http_never_panic_on_junk() {
             parsed.set(parsed.get() + 1);
             let _ = check_http(&parts, 0);
             let _ = check_http(&parts, u64::MAX);
-            let _ = decide(&w.router, &w.stacks, &parts, &DigestMemo::default(), now());
+            let _ = w.decide(&parts, now());
             Ok(())
         })
         .unwrap();
@@ -792,7 +792,7 @@ fn forward_only_when_every_row_allows() {
                 return Ok(());
             };
             let _ = check_http(&parts, 1 << 20);
-            match decide(&w.router, &w.stacks, &parts, &DigestMemo::default(), now()) {
+            match w.decide(&parts, now()) {
                 Decision::Forward(permit) => {
                     forwarded.set(forwarded.get() + 1);
                     if let Some(why) = must_refuse(&parts) {

@@ -70,6 +70,20 @@ pub(crate) struct World {
     pub(crate) stacks: Stacks,
 }
 
+impl World {
+    /// [`decide`] on this world, as a connection's first request (no digest
+    /// remembered).
+    pub(crate) fn decide<'a>(&'a self, parts: &'a Parts, now: Instant) -> Decision<'a> {
+        decide(
+            &self.router,
+            &self.stacks,
+            parts,
+            &DigestMemo::default(),
+            now,
+        )
+    }
+}
+
 /// Routes for `cdn.test`, `preview.test`, `graphql.test`, `gqlpreview.test`,
 /// and stacks `blt_site` (tokens `cs_prod`, `cs_prod_preview`, ...),
 /// `blt_unloaded`, `blt_stale`.
@@ -182,13 +196,7 @@ fn run(world: &World, method: Method, host: &str, uri: &str, headers: &[(&str, &
     let (parts, ()) = builder.body(()).unwrap().into_parts();
     // Later than the stale stack's 1 ms, well inside the others' hour.
     let now = Instant::now() + Duration::from_secs(1);
-    match decide(
-        &world.router,
-        &world.stacks,
-        &parts,
-        &DigestMemo::default(),
-        now,
-    ) {
+    match world.decide(&parts, now) {
         Decision::Forward(permit) => {
             let uid: &'static str = Box::leak(permit.token.uid.to_string().into_boxed_str());
             Forward(uid, permit.session)
@@ -329,13 +337,7 @@ fn refusals_carry_the_token_uid_once_known() {
         .body(())
         .unwrap()
         .into_parts();
-    match decide(
-        &w.router,
-        &w.stacks,
-        &parts,
-        &DigestMemo::default(),
-        Instant::now(),
-    ) {
+    match w.decide(&parts, Instant::now()) {
         Decision::Refuse(r) => {
             assert_eq!(r.token.as_deref(), Some("blt_prod"));
             assert_eq!(r.stack.map(|s| &*s.name), Some("website"));
@@ -355,13 +357,7 @@ fn a_permit_carries_what_revocation_needs() {
         .body(())
         .unwrap()
         .into_parts();
-    let Decision::Forward(permit) = decide(
-        &w.router,
-        &w.stacks,
-        &parts,
-        &DigestMemo::default(),
-        Instant::now(),
-    ) else {
+    let Decision::Forward(permit) = w.decide(&parts, Instant::now()) else {
         panic!("expected a permit");
     };
     assert_eq!(permit.branch, "deploy");
@@ -506,13 +502,7 @@ async fn a_permit_is_decided_again_when_the_registry_moved() {
         )
         .map(|refusal| refusal.reject.reason())
     };
-    let Decision::Forward(permit) = decide(
-        &world.router,
-        &world.stacks,
-        &parts,
-        &DigestMemo::default(),
-        now,
-    ) else {
+    let Decision::Forward(permit) = world.decide(&parts, now) else {
         panic!("blt_prod may read production");
     };
     assert_eq!(recheck(&permit), None, "nothing moved");

@@ -220,8 +220,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
-    use crate::decision::{decide, Decision, ACCESS_TOKEN};
-    use crate::registry::DigestMemo;
+    use crate::decision::{Decision, ACCESS_TOKEN};
 
     #[test]
     fn the_hop_by_hop_match_agrees_with_the_table() {
@@ -248,13 +247,7 @@ mod tests {
             .unwrap()
             .into_parts();
         let now = tokio::time::Instant::now();
-        let Decision::Forward(permit) = decide(
-            &world.router,
-            &world.stacks,
-            &parts,
-            &DigestMemo::default(),
-            now,
-        ) else {
+        let Decision::Forward(permit) = world.decide(&parts, now) else {
             panic!("a preview request with both credentials is allowed");
         };
         let metrics = crate::metrics::Metrics::new().unwrap();
