@@ -22,6 +22,11 @@
 # the registry does not hold (401 invalid_token; no rate limits configured,
 # so every answer is that refusal).
 #
+# PATTERN=random draws each request's token at random from the TOKENS
+# (allowed requests only; the floor ignores tokens), as load.sh's random
+# pattern does: the digest memo misses and every per-token record changes
+# from one request to the next.
+#
 # KEEP=DIR keeps the callgrind files there (for callgrind_annotate).
 # FLOOR=1 also measures the bare floor (examples/bare_proxy.rs: the same
 # server, pool and runtime, no checks) in the same run: what stackgate adds.
@@ -42,6 +47,15 @@ TOKENS=${TOKENS:-1000}
 SECONDS_LOAD=${REQUESTS_SECONDS:-15}
 ACCESS_LOG=${ACCESS_LOG:-off}
 REQUEST=${REQUEST:-allowed}
+PATTERN=${PATTERN:-one}
+case "$PATTERN" in
+    one | random) ;;
+    *) echo "PATTERN is one or random" >&2; exit 2 ;;
+esac
+if [ "$PATTERN" = random ] && [ "$REQUEST" != allowed ]; then
+    echo "PATTERN=random is for allowed requests" >&2
+    exit 2
+fi
 case "$REQUEST" in
     allowed) TOKEN_SENT=cs_bench_value_000042 ;;
     refused) TOKEN_SENT=cs_bench_value_unknown ;;
@@ -121,6 +135,16 @@ wrk.headers["api_key"] = "blt_bench_stack"
 wrk.headers["access_token"] = "$TOKEN_SENT"
 wrk.path = "/v3/content_types/blog/entries?environment=production&locale=en-us&include[]=author"
 LUA
+if [ "$PATTERN" = random ]; then
+    # Each request a token drawn at random from the whole registry.
+    cat >>"$OUT/request.lua" <<LUA
+math.randomseed(42)
+request = function()
+    wrk.headers["access_token"] = string.format("cs_bench_value_%06d", math.random(0, $TOKENS - 1))
+    return wrk.format()
+end
+LUA
+fi
 
 wait_for() {
     for _ in $(seq 1 600); do
@@ -216,7 +240,7 @@ if [ -n "$BASE" ]; then
 fi
 
 echo
-echo "instructions per $REQUEST request (callgrind, HTTP/1.1 keep-alive, 4 connections, access log $ACCESS_LOG)"
+echo "instructions per $REQUEST request (callgrind, HTTP/1.1 keep-alive, 4 connections, $PATTERN token of $TOKENS, access log $ACCESS_LOG)"
 printf '%-8s %14s %10s\n' build instructions requests
 for line in "${RESULTS[@]}"; do
     # shellcheck disable=SC2086
