@@ -145,6 +145,9 @@ pub fn check_host(value: &[u8]) -> Result<&str, Ambiguity> {
     std::str::from_utf8(value).map_err(|_| Ambiguity::BadHost)
 }
 
+/// The `environment` values a request gives, query then header.
+pub type Environments<'a> = smallvec::SmallVec<[Cow<'a, str>; 2]>;
+
 /// What a query gives the decision: the first credential it carries (row 3)
 /// and its `environment` values (row 13), read in the one pass that also
 /// checks its shape.
@@ -152,8 +155,9 @@ pub fn check_host(value: &[u8]) -> Result<&str, Ambiguity> {
 pub struct QueryRead<'a> {
     /// The first credential name found, as row 3 names it.
     pub credential: Option<&'static str>,
-    /// Every `environment` value, decoded, in order.
-    pub environments: Vec<Cow<'a, str>>,
+    /// Every `environment` value, decoded, in order (one or two, nearly
+    /// always: kept inline, no allocation).
+    pub environments: Environments<'a>,
     /// The query is already what [`canonical_query`] makes of it, and is
     /// forwarded as it is.
     pub canonical: bool,
@@ -176,12 +180,16 @@ pub fn read_query(query: &str) -> Result<QueryRead<'_>, Ambiguity> {
     while start <= bytes.len() {
         let (mut end, mut equals, mut encoded) = (start, None, false);
         while let Some(&byte) = bytes.get(end) {
-            match byte {
-                b'&' => break,
-                b';' => return Err(Ambiguity::Query),
-                b'=' if equals.is_none() => equals = Some(end),
-                b'%' | b'+' => encoded = true,
-                _ => read.canonical &= KEPT[usize::from(byte)],
+            // Nearly every byte is kept as it is: one table read for it. None
+            // of the bytes matched below is.
+            if !KEPT[usize::from(byte)] {
+                match byte {
+                    b'&' => break,
+                    b';' => return Err(Ambiguity::Query),
+                    b'=' if equals.is_none() => equals = Some(end),
+                    b'%' | b'+' => encoded = true,
+                    _ => read.canonical = false,
+                }
             }
             end += 1;
         }

@@ -57,7 +57,7 @@ pub struct Permit<'a> {
     pub session: SessionKind,
     /// The `environment` values the request gave, query then header (all
     /// in scope).
-    pub environments: Vec<Cow<'a, str>>,
+    pub environments: canonical::Environments<'a>,
     /// The branch or alias it reads (`main` when none was given).
     pub branch: Cow<'a, str>,
     /// The version of the registry that decided it (see [`recheck`]).
@@ -90,6 +90,12 @@ pub enum Decision<'a> {
 /// this catches what it lets through, and every request the gateway and an
 /// origin could read two ways ([`crate::canonical`]).
 pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> {
+    check_and_read(parts, max_body_bytes).map(|_| ())
+}
+
+/// [`check_http`], giving back what [`decide`] reads of the headers, found
+/// in the same pass over them: for [`decide_read`].
+pub fn check_and_read(parts: &Parts, max_body_bytes: u64) -> Result<HeadersRead<'_>, BadRequest> {
     let url_len = parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if url_len > MAX_URL_BYTES {
         return Err(BadRequest::UrlTooLong);
@@ -104,14 +110,15 @@ pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> 
     for (name, value) in &parts.headers {
         let name_text = name.as_str();
         head += name_text.len() + value.len() + 4;
+        let read = &mut seen.read;
         let (count, slot) = match name_text {
-            "content-length" => (&mut seen.content_length, Some(&mut seen.length_value)),
-            "host" => (&mut seen.host, Some(&mut seen.host_value)),
-            "environment" => (&mut seen.environment, None),
-            "api_key" => (&mut seen.api_key, None),
-            "access_token" => (&mut seen.access_token, None),
-            "preview_token" => (&mut seen.preview_token, None),
-            "branch" => (&mut seen.branch, None),
+            "content-length" => (&mut seen.content_length, &mut seen.length_value),
+            "host" => (&mut seen.host, &mut read.host),
+            "environment" => (&mut seen.environment, &mut read.environment),
+            "api_key" => (&mut seen.api_key, &mut read.api_key),
+            "access_token" => (&mut seen.access_token, &mut read.access_token),
+            "preview_token" => (&mut seen.preview_token, &mut read.preview_token),
+            "branch" => (&mut seen.branch, &mut read.branch),
             "transfer-encoding" => {
                 transfer_encoding = true;
                 continue;
@@ -120,15 +127,17 @@ pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> 
                 ambiguous |= canonical::connection_lists_protected(value);
                 continue;
             }
+            "authorization" | "authtoken" => {
+                read.management = true;
+                continue;
+            }
             _ => {
                 ambiguous |= canonical::misspelled_header(name);
                 continue;
             }
         };
         *count = count.saturating_add(1);
-        if let Some(slot) = slot {
-            *slot = Some(value);
-        }
+        slot.get_or_insert(value);
     }
     if head > MAX_HEAD_BYTES {
         return Err(BadRequest::HeadTooLarge);
@@ -152,9 +161,9 @@ pub fn check_http(parts: &Parts, max_body_bytes: u64) -> Result<(), BadRequest> 
     if bodiless && (transfer_encoding || length > 0) {
         return Err(BadRequest::Malformed);
     }
-    check_hosts(parts, seen.host_value).map_err(|_| BadRequest::Malformed)?;
+    check_hosts(parts, seen.read.host).map_err(|_| BadRequest::Malformed)?;
     // The query's rules are read with the query itself, in `decide`.
-    Ok(())
+    Ok(seen.read)
 }
 
 /// The headers a request may carry at most once (row 16), counted, with the
@@ -169,7 +178,7 @@ struct Singles<'h> {
     preview_token: u8,
     branch: u8,
     length_value: Option<&'h HeaderValue>,
-    host_value: Option<&'h HeaderValue>,
+    read: HeadersRead<'h>,
 }
 
 impl Singles<'_> {
@@ -215,7 +224,19 @@ pub fn decide<'a>(
     digests: &DigestMemo,
     now: Instant,
 ) -> Decision<'a> {
-    let headers = Read::of(&parts.headers);
+    let headers = HeadersRead::of(&parts.headers);
+    decide_read(router, stacks, parts, headers, digests, now)
+}
+
+/// [`decide`], with the headers as [`check_and_read`] read them from `parts`.
+pub fn decide_read<'a>(
+    router: &'a Router,
+    stacks: &'a Stacks,
+    parts: &'a Parts,
+    headers: HeadersRead<'a>,
+    digests: &DigestMemo,
+    now: Instant,
+) -> Decision<'a> {
     let host = parts
         .uri
         .authority()
@@ -509,8 +530,8 @@ fn credential(value: Option<&HeaderValue>) -> Option<&[u8]> {
 /// The headers [`decide`] reads, each as `HeaderMap::get` would give it
 /// (the first value), found in one pass over the map rather than a hashed
 /// lookup per name.
-#[derive(Default)]
-struct Read<'h> {
+#[derive(Debug, Default, PartialEq)]
+pub struct HeadersRead<'h> {
     host: Option<&'h HeaderValue>,
     environment: Option<&'h HeaderValue>,
     api_key: Option<&'h HeaderValue>,
@@ -521,9 +542,9 @@ struct Read<'h> {
     management: bool,
 }
 
-impl<'h> Read<'h> {
-    fn of(headers: &'h HeaderMap) -> Read<'h> {
-        let mut read = Read::default();
+impl<'h> HeadersRead<'h> {
+    fn of(headers: &'h HeaderMap) -> HeadersRead<'h> {
+        let mut read = HeadersRead::default();
         for (name, value) in headers {
             let slot = match name.as_str() {
                 "host" => &mut read.host,

@@ -196,14 +196,15 @@ fn run(world: &World, method: Method, host: &str, uri: &str, headers: &[(&str, &
     let (parts, ()) = builder.body(()).unwrap().into_parts();
     // Later than the stale stack's 1 ms, well inside the others' hour.
     let now = Instant::now() + Duration::from_secs(1);
-    match world.decide(&parts, now) {
+    let outcome = match world.decide(&parts, now) {
         Decision::Forward(permit) => {
             let uid: &'static str = Box::leak(permit.token.uid.to_string().into_boxed_str());
             Forward(uid, permit.session)
         }
         Decision::Preflight(_) => Preflight,
         Decision::Refuse(refusal) => Refuse(refusal.reject.reason()),
-    }
+    };
+    outcome
 }
 
 /// Name, method, host, URI, headers, expected outcome.
@@ -343,7 +344,7 @@ fn refusals_carry_the_token_uid_once_known() {
             assert_eq!(r.stack.map(|s| &*s.name), Some("website"));
         }
         other => panic!("expected a refusal, got {other:?}"),
-    }
+    };
 }
 
 #[test]
@@ -361,7 +362,7 @@ fn a_permit_carries_what_revocation_needs() {
         panic!("expected a permit");
     };
     assert_eq!(permit.branch, "deploy");
-    assert_eq!(permit.environments, ["env_prod"]);
+    assert_eq!(permit.environments.as_slice(), ["env_prod"]);
     assert_eq!(permit.path, "/v3/entries");
     assert_eq!(permit.session, SessionKind::Delivery);
 }

@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::conn::{ActivityGuard, ConnInfo};
-use crate::decision::{check_http, decide, recheck, Decision, Permit, Refusal};
+use crate::decision::{check_and_read, decide_read, recheck, Decision, Permit, Refusal};
 use crate::limits::Limited as RateLimited;
 use crate::metrics::{NO_STACK, NO_TOKEN};
 use crate::reject::{BadRequest, Reject};
@@ -75,25 +75,23 @@ async fn route_request(
     let http = if conn.activity.smuggled() {
         Err(BadRequest::Malformed)
     } else {
-        check_http(parts, shared.config.server.max_body_bytes)
+        check_and_read(parts, shared.config.server.max_body_bytes)
     };
-    if let Err(bad) = http {
-        let refusal = Refusal {
-            reject: Reject::BadRequest(bad),
-            route: None,
-            stack: None,
-            token: None,
-        };
-        return Ok(finish(refuse(shared, parts, refusal, started), activity));
-    }
+    let headers = match http {
+        Ok(headers) => headers,
+        Err(bad) => {
+            let refusal = Refusal {
+                reject: Reject::BadRequest(bad),
+                route: None,
+                stack: None,
+                token: None,
+            };
+            return Ok(finish(refuse(shared, parts, refusal, started), activity));
+        }
+    };
     let client = conn.peer.ip();
-    match decide(
-        &shared.router,
-        &shared.stacks,
-        parts,
-        &conn.digests,
-        started,
-    ) {
+    let (router, stacks) = (&shared.router, &shared.stacks);
+    match decide_read(router, stacks, parts, headers, &conn.digests, started) {
         Decision::Preflight(route) => {
             let access = Access {
                 route: route.kind.name(),

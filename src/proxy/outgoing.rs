@@ -40,15 +40,56 @@ pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     {
         return id.clone();
     }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let id: u128 = rand::random();
-    let mut text = [0u8; 32];
-    for (i, digit) in text.iter_mut().enumerate() {
-        *digit = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    let value = HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"));
+    let value = HeaderValue::from_bytes(&new_request_id())
+        .unwrap_or_else(|_| HeaderValue::from_static("0"));
     headers.insert(REQUEST_ID, value.clone());
     value
+}
+
+/// A new request id: 32 lower-case hex digits. The first 16 are drawn at
+/// random once per thread, the last 16 are the thread's count of ids passed
+/// through a bijection (splitmix64's finalizer), so that no two ids of one
+/// thread are equal and ids of different threads or replicas differ in
+/// their random half. Cheaper than drawing 128 random bits per request; a
+/// request id is a label for logs, not a secret.
+fn new_request_id() -> [u8; 32] {
+    thread_local! {
+        static NEXT: std::cell::Cell<(u64, u64)> =
+            std::cell::Cell::new((rand::random(), rand::random()));
+    }
+    let (prefix, count) = NEXT.with(|next| {
+        let (prefix, count) = next.get();
+        next.set((prefix, count.wrapping_add(1)));
+        (prefix, count)
+    });
+    let mut text = [0u8; 32];
+    hex_into(&mut text[..16], prefix);
+    hex_into(&mut text[16..], mix(count));
+    text
+}
+
+/// splitmix64's finalizer: a bijection on `u64` that scatters neighbours.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// `value` as 16 lower-case hex digits, two at a time.
+fn hex_into(out: &mut [u8], value: u64) {
+    static PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut table = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            table[i] = [HEX[i >> 4], HEX[i & 0xf]];
+            i += 1;
+        }
+        table
+    };
+    for (pair, byte) in out.chunks_exact_mut(2).zip(value.to_be_bytes()) {
+        pair.copy_from_slice(&PAIRS[usize::from(byte)]);
+    }
 }
 
 pub fn log_id(parts: &Parts) -> &str {
@@ -106,23 +147,30 @@ pub fn upstream_request(
     };
 
     let mut headers = parts.headers.clone();
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    if permit.session == SessionKind::Delivery {
-        headers.remove(PREVIEW_TOKEN);
-    }
-    let api_key_in_path = permit.route.kind.api_key_in_path();
-    if api_key_in_path {
-        headers.remove(API_KEY);
-    }
-    // One pass: token values marked sensitive, api_key (REST) and branch set
-    // to what was checked where the client's differ (blanks the check
-    // trimmed).
-    let mut has_api_key = false;
+    // One pass over the copy: which hop-by-hop and replaced headers are
+    // there (so that only those are looked up again), token values marked
+    // sensitive, api_key (REST) and branch set to what was checked where the
+    // client's differ (blanks the check trimmed).
+    let mut hop_by_hop = [false; HOP_BY_HOP.len()];
+    let (mut has_host, mut has_preview, mut has_api_key, mut has_forwarded_for) =
+        (false, false, false, false);
     for (name, value) in headers.iter_mut() {
         let checked = match name.as_str() {
-            "access_token" | "preview_token" => {
+            "host" => {
+                has_host = true;
+                continue;
+            }
+            "access_token" => {
                 value.set_sensitive(true);
+                continue;
+            }
+            "preview_token" => {
+                has_preview = true;
+                value.set_sensitive(true);
+                continue;
+            }
+            "x-forwarded-for" => {
+                has_forwarded_for = true;
                 continue;
             }
             "api_key" => {
@@ -130,16 +178,37 @@ pub fn upstream_request(
                 &*permit.stack.api_key
             }
             "branch" => &*permit.branch,
-            _ => continue,
+            _ => {
+                if let Some(i) = hop_by_hop_index(name) {
+                    hop_by_hop[i] = true;
+                }
+                continue;
+            }
         };
         if value.as_bytes() != checked.as_bytes() {
             *value = HeaderValue::from_str(checked).ok()?;
         }
     }
+    strip_present(&mut headers, hop_by_hop);
+    if has_host {
+        headers.remove(header::HOST);
+    }
+    if has_preview && permit.session == SessionKind::Delivery {
+        headers.remove(PREVIEW_TOKEN);
+    }
+    let api_key_in_path = permit.route.kind.api_key_in_path();
+    if api_key_in_path && has_api_key {
+        headers.remove(API_KEY);
+    }
     if !api_key_in_path && !has_api_key {
         headers.insert(API_KEY, HeaderValue::from_str(&permit.stack.api_key).ok()?);
     }
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+    let prior = if has_forwarded_for {
+        headers.get(&X_FORWARDED_FOR)
+    } else {
+        None
+    };
+    let forwarded_for = match prior {
         Some(prior) => {
             let mut value = BytesMut::with_capacity(prior.len() + 2 + conn.client_ip.len());
             value.extend_from_slice(prior.as_bytes());
@@ -184,6 +253,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             present[i] = true;
         }
     }
+    strip_present(headers, present);
+}
+
+/// Removes the [`HOP_BY_HOP`] headers marked `present`, and the headers a
+/// `connection` header names.
+fn strip_present(headers: &mut HeaderMap, present: [bool; HOP_BY_HOP.len()]) {
     if !present.contains(&true) {
         return;
     }
@@ -232,6 +307,40 @@ mod tests {
             hop_by_hop_index(&HeaderName::from_static("x-upgrade")),
             None
         );
+    }
+
+    #[test]
+    fn request_ids_are_hex_and_never_repeat() {
+        let ids: Vec<[u8; 32]> = (0..10_000).map(|_| new_request_id()).collect();
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        for id in &ids {
+            assert!(id.iter().all(|b| b"0123456789abcdef".contains(b)), "{id:?}");
+        }
+        // One thread's ids share their random half, and the other half of
+        // neighbours differs in more than the last digit.
+        assert!(ids.iter().all(|id| id[..16] == ids[0][..16]));
+        assert_ne!(ids[0][16..31], ids[1][16..31]);
+        let other = std::thread::spawn(new_request_id).join().unwrap();
+        assert_ne!(other[..16], ids[0][..16]);
+
+        let mut headers = HeaderMap::new();
+        let made = request_id(&mut headers);
+        assert_eq!(made.len(), 32);
+        assert_eq!(headers.get(&REQUEST_ID), Some(&made));
+        let mut given = HeaderMap::new();
+        given.insert(REQUEST_ID, HeaderValue::from_static("req-1"));
+        assert_eq!(request_id(&mut given), "req-1");
+    }
+
+    #[test]
+    fn hex_digits_are_the_value_in_order() {
+        let mut out = [0u8; 16];
+        hex_into(&mut out, 0x0123_4567_89ab_cdef);
+        assert_eq!(&out, b"0123456789abcdef");
+        // The mix is a bijection: distinct counts give distinct halves.
+        assert_ne!(mix(0), mix(1));
+        assert_eq!(mix(0), 0);
     }
 
     #[test]

@@ -81,7 +81,7 @@ fn permit<'a>(
         stack: &f.stack,
         token: Arc::clone(token),
         session: kind,
-        environments: vec![],
+        environments: Default::default(),
         branch: branch.into(),
         version: 1,
         query_canonical: true,
