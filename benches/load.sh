@@ -47,6 +47,8 @@
 # With LIMITS=on (the default) stackgate has every rate limit of
 # [stacks.limits] configured (row 15 runs for each request), set high enough
 # never to refuse; LIMITS=off leaves them out.
+# STACKGATE_BIN=PATH runs that stackgate binary instead of this tree's (to
+# compare two builds against the same floor, one run after the other).
 # PROFILE=1 records `perf record -e cpu-clock -g` of stackgate during its
 # first h1 run into $OUT/stackgate.perf.data.
 #
@@ -127,7 +129,7 @@ done
 
 log "building (cargo build --release --locked)"
 (cd "$ROOT" && cargo build --release --locked --quiet --bin stackgate --example bare_proxy)
-BIN="$ROOT/target/release/stackgate"
+BIN=${STACKGATE_BIN:-"$ROOT/target/release/stackgate"}
 BARE="$ROOT/target/release/examples/bare_proxy"
 
 # --- files ------------------------------------------------------------------
