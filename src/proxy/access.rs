@@ -90,8 +90,14 @@ impl<'a> Pending<'a> {
 
     /// Writes the line now.
     pub fn write(&mut self, outcome: Outcome<'_>) {
+        self.write_elapsed(outcome, self.started.elapsed());
+    }
+
+    /// Writes the line now, `elapsed` after the request started (read from
+    /// the clock by the caller, who needed it too).
+    pub fn write_elapsed(&mut self, outcome: Outcome<'_>, elapsed: Duration) {
         self.written = true;
-        self.access.write(outcome, self.started.elapsed());
+        self.access.write(outcome, elapsed);
     }
 
     /// Another path (a refusal) writes the line.
