@@ -43,7 +43,7 @@
 //! - [`logging`]: text or JSON logs.
 //!
 //! A request's path through the code: `server::serve_connection` ->
-//! `proxy::handle` -> `decision::check_http` and `decision::decide` ->
+//! `proxy::handle` -> `decision::check_and_read` and `decision::decide_read` ->
 //! `sessions::Sessions::begin` -> `proxy::outgoing::upstream_request` ->
 //! upstream -> `proxy::body::Tracked`.
 

@@ -1,7 +1,8 @@
 //! The request path: check, decide, forward, stream back.
 //!
-//! Every request goes through [`handle`]: row 16 ([`check_http`]), then the
-//! decision ([`decide`]), then the rate limits of row 15 ([`crate::limits`]),
+//! Every request goes through [`handle`]: row 16 ([`check_and_read`], which
+//! also reads the headers the decision needs), then the decision
+//! ([`decide_read`]), then the rate limits of row 15 ([`crate::limits`]),
 //! then, for a permit, the session registration, the upstream call and the
 //! streaming response. Every refusal is rendered by
 //! [`response::refusal`]; nothing refused is forwarded.
