@@ -285,8 +285,8 @@ fn decode(text: &str) -> Cow<'_, str> {
 /// The query to forward: re-encoded from its parsed pairs, so that what the
 /// origin decodes is what the gateway decoded, whether the origin reads `+`
 /// as a space (form encoding) or not: a space goes out as `%20`, a `+` as
-/// `%2B`, and every byte outside [`kept`] percent-encoded. A query already in
-/// that form (nearly all of them) is returned as it is.
+/// `%2B`, and every byte outside the kept set (`KEPT`) percent-encoded. A
+/// query already in that form (nearly all of them) is returned as it is.
 pub fn canonical_query(query: &str) -> Cow<'_, str> {
     if is_canonical(query) {
         return Cow::Borrowed(query);

@@ -359,7 +359,7 @@ pub fn reset_stream_on(cancel: &CancellationToken) {
 }
 
 /// The executor hyper spawns each HTTP/2 stream's task with. Each task runs
-/// with its own [`StreamSlot`], and is dropped as soon as the slot's reset
+/// with its own `StreamSlot`, and is dropped as soon as the slot's reset
 /// token is cancelled: h2 then resets the stream (RST_STREAM CANCEL) and
 /// drops what it had queued for it, and the response body (with its upstream
 /// connection, session and activity guards) goes with the task.

@@ -1,7 +1,7 @@
 //! The file format: serde structs that mirror SPEC §5 key for key.
 //!
 //! Nothing here is validated beyond what serde checks (types, unknown keys);
-//! [`super::Config::try_from`] turns these into the validated types. Keeping the
+//! [`super::Config::parse`] turns these into the validated types. Keeping the
 //! two apart lets the format stay a faithful copy of the contract while the
 //! rest of the crate only ever sees checked values.
 

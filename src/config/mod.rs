@@ -1,6 +1,6 @@
 //! Configuration: the TOML file of SPEC §5, read and validated in two layers.
 //!
-//! [`file`] mirrors the format with serde (`deny_unknown_fields`); this module
+//! [`mod@file`] mirrors the format with serde (`deny_unknown_fields`); this module
 //! converts it into checked types. Every error names the key it is about
 //! (`stacks[0].registry.sync_interval: ...`), so `stackgate check` can point
 //! an operator at the line to fix. Secrets are read from the environment

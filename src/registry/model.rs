@@ -3,7 +3,8 @@
 //!
 //! Token values never live here: only their SHA-256 [`Digest`]s. A registry is
 //! built whole and never mutated; a change produces a new one (see
-//! [`Registry::next`]) together with the [`Diff`] that revocation acts on.
+//! [`crate::registry::diff::next`]) together with the
+//! [`crate::registry::diff::Diff`] that revocation acts on.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;

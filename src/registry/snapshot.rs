@@ -201,7 +201,7 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Reads a snapshot written by [`write`] for `stack`. `Ok(None)` if there is none.
+/// Reads a snapshot written by [`fn@write`] for `stack`. `Ok(None)` if there is none.
 pub fn read(path: &Path, stack: &str) -> Result<Option<Loaded>, SnapshotError> {
     let body = match std::fs::read(path) {
         Ok(body) => body,

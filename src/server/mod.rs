@@ -1,17 +1,17 @@
 //! Listeners and connections: plain (HTTP/1.1 and h2c), TLS (h2 and
 //! http/1.1 by ALPN), and the per-connection task.
 //!
-//! Each connection is a task ([`serve`]): hyper's connection beside its
+//! Each connection is a task (`serve`): hyper's connection beside its
 //! session token, the shutdown token and a watchdog for its timeouts; an
 //! idle HTTP/1.1 connection is parked without hyper's buffers. HTTP/2
 //! streams run as tasks of [`crate::conn::StreamExecutor`], which a
 //! revocation or a stalled send resets one by one.
 //!
-//! - [`serve`]: one connection, from its first bytes to its close.
-//! - [`io`]: the watched socket (activity, head scanning, abortive close),
+//! - `serve`: one connection, from its first bytes to its close.
+//! - `io`: the watched socket (activity, head scanning, abortive close),
 //!   and bytes put back in front of it.
-//! - [`framing`]: follows a request stream's framing to find smuggling shapes.
-//! - [`tls`]: the TLS configuration and its reload.
+//! - `framing`: follows a request stream's framing to find smuggling shapes.
+//! - `tls`: the TLS configuration and its reload.
 
 mod framing;
 mod io;
