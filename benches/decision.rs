@@ -150,6 +150,7 @@ fn value(i: usize) -> String {
 /// module and a preview token.
 fn token(i: usize) -> Token {
     Token {
+        usage: Default::default(),
         uid: Arc::from(format!("blt{i:016x}")),
         name: format!("Delivery token {i}"),
         scope: Arc::new(Scope {

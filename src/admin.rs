@@ -309,7 +309,7 @@ fn tokens(shared: &Shared) -> Value {
         let mut tokens: Vec<_> = registry.tokens().collect();
         tokens.sort_by(|a, b| a.uid.cmp(&b.uid));
         for token in tokens {
-            let usage = shared.usage.get(stack.index, &token.uid);
+            let usage = &token.usage;
             let environment = token
                 .scope
                 .environments
@@ -325,9 +325,9 @@ fn tokens(shared: &Shared) -> Value {
                 "has_preview": token.preview.is_some(),
                 "revoked": registry.is_admin_revoked(&token.uid),
                 "live_sessions": shared.sessions.live(stack.index, &token.uid),
-                "requests": usage.map_or(0, |u| u.0),
-                "rejections": usage.map_or(0, |u| u.1),
-                "last_used": usage.and_then(|u| (u.2 > 0).then_some(u.2)),
+                "requests": usage.requests(),
+                "rejections": usage.rejections(),
+                "last_used": usage.last_used(),
             }));
         }
     }

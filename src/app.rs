@@ -131,7 +131,6 @@ pub fn build_shared(config: Config) -> Result<Arc<Shared>, StartError> {
         h1pool,
         durations: metrics.durations(),
         metrics,
-        usage: Default::default(),
     }))
 }
 

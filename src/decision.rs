@@ -72,8 +72,8 @@ pub struct Refusal<'a> {
     pub reject: Reject,
     pub route: Option<&'a Route>,
     pub stack: Option<&'a Arc<StackRegistry>>,
-    /// The uid of the token involved, once it is known.
-    pub token: Option<Arc<str>>,
+    /// The token involved, once it is known (a listed one).
+    pub token: Option<Arc<Token>>,
 }
 
 /// The outcome of [`decide`].
@@ -264,12 +264,7 @@ pub fn decide_read<'a>(
         return refuse_here(Reject::UnknownStack);
     };
     let refuse_stack = |reject, token: Option<&Arc<Token>>| {
-        refuse(
-            reject,
-            Some(route),
-            Some(stack),
-            token.map(|t| Arc::clone(&t.uid)),
-        )
+        refuse(reject, Some(route), Some(stack), token.map(Arc::clone))
     };
     // Rows 6 and 7.
     let view = stack.load();
@@ -453,7 +448,7 @@ fn refuse<'a>(
     reject: Reject,
     route: Option<&'a Route>,
     stack: Option<&'a Arc<StackRegistry>>,
-    token: Option<Arc<str>>,
+    token: Option<Arc<Token>>,
 ) -> Decision<'a> {
     Decision::Refuse(Refusal {
         reject,

@@ -4,7 +4,7 @@
 //! token that is gone are removed with [`Metrics::forget_token`].
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -218,23 +218,20 @@ pub struct RouteDurations {
     pub upstream: [Histogram; RouteKind::ALL.len()],
 }
 
-/// Per-token counters for `GET /admin/tokens` (requests seen, how many were
-/// refused, when the token was last used) and the token's
-/// `requests_total{outcome="forwarded"}` series, resolved on first use so
-/// that a forwarded request costs one map lookup and a few atomic adds.
-/// Entries go with their token.
-#[derive(Default)]
-pub struct TokenUsage {
-    by_token: dashmap::DashMap<(usize, Arc<str>), Usage, foldhash::fast::RandomState>,
-}
-
-/// One token's counters.
+/// A token's counters for `GET /admin/tokens` (requests seen, how many were
+/// refused, when the token was last used) and its
+/// `requests_total{outcome="forwarded"}` series, resolved on first use.
+///
+/// Held by the registry's token ([`crate::registry::Token::usage`]) and
+/// carried by uid from one registry version to the next, so a request
+/// reaches it through the token it was decided on: no map lookup, a few
+/// atomic adds. It goes with the token.
 #[derive(Default)]
 pub struct Usage {
-    pub requests: AtomicU64,
-    pub rejections: AtomicU64,
-    /// Unix seconds.
-    pub last_used: AtomicU64,
+    requests: AtomicU64,
+    rejections: AtomicU64,
+    /// Unix seconds; 0 for never.
+    last_used: AtomicU64,
     forwarded: [OnceLock<IntCounter>; RouteKind::ALL.len()],
 }
 
@@ -244,60 +241,41 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-impl TokenUsage {
-    fn with_usage(&self, stack: usize, uid: &Arc<str>, f: impl FnOnce(&Usage)) {
-        let key = (stack, Arc::clone(uid));
-        match self.by_token.get(&key) {
-            Some(usage) => f(&usage),
-            None => f(&self.by_token.entry(key).or_default()),
-        }
+impl Usage {
+    /// Counts a refused request.
+    pub fn refused(&self) {
+        self.requests.fetch_add(1, Relaxed);
+        self.rejections.fetch_add(1, Relaxed);
+        self.last_used.store(unix_now(), Relaxed);
     }
 
-    /// Counts a refused request of token `uid` on stack `stack`.
-    pub fn record(&self, stack: usize, uid: &Arc<str>, refused: bool) {
-        self.with_usage(stack, uid, |usage| {
-            usage.requests.fetch_add(1, Relaxed);
-            if refused {
-                usage.rejections.fetch_add(1, Relaxed);
-            }
-            usage.last_used.store(unix_now(), Relaxed);
-        });
+    /// Counts a forwarded request, here and in `requests_total` (the series
+    /// of token `uid` on stack `stack`, route kind `route`).
+    pub fn forwarded(&self, metrics: &Metrics, stack: &str, uid: &str, route: RouteKind) {
+        self.requests.fetch_add(1, Relaxed);
+        self.last_used.store(unix_now(), Relaxed);
+        self.forwarded[route.index()]
+            .get_or_init(|| {
+                metrics
+                    .requests
+                    .with_label_values(&[stack, uid, route.name(), "forwarded"])
+            })
+            .inc();
     }
 
-    /// Counts a forwarded request, here and in `requests_total`.
-    pub fn forwarded(
-        &self,
-        metrics: &Metrics,
-        stack: (usize, &str),
-        uid: &Arc<str>,
-        route: RouteKind,
-    ) {
-        self.with_usage(stack.0, uid, |usage| {
-            usage.requests.fetch_add(1, Relaxed);
-            usage.last_used.store(unix_now(), Relaxed);
-            usage.forwarded[route.index()]
-                .get_or_init(|| {
-                    metrics
-                        .requests
-                        .with_label_values(&[stack.1, uid, route.name(), "forwarded"])
-                })
-                .inc();
-        });
+    /// Requests seen (forwarded or refused).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Relaxed)
     }
 
-    /// `(requests, rejections, last_used)` of a token, if it was ever used.
-    pub fn get(&self, stack: usize, uid: &str) -> Option<(u64, u64, u64)> {
-        let usage = self.by_token.get(&(stack, Arc::from(uid)))?;
-        Some((
-            usage.requests.load(Relaxed),
-            usage.rejections.load(Relaxed),
-            usage.last_used.load(Relaxed),
-        ))
+    /// Requests refused.
+    pub fn rejections(&self) -> u64 {
+        self.rejections.load(Relaxed)
     }
 
-    /// Drops a token that is gone.
-    pub fn forget(&self, stack: usize, uid: &str) {
-        self.by_token.remove(&(stack, Arc::from(uid)));
+    /// When the token was last used (Unix seconds), if ever.
+    pub fn last_used(&self) -> Option<u64> {
+        Some(self.last_used.load(Relaxed)).filter(|&secs| secs > 0)
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::decision::Permit;
 use crate::limits::Limits;
-use crate::metrics::{Metrics, RouteDurations, TokenUsage};
+use crate::metrics::{Metrics, RouteDurations};
 use crate::registry::snapshot::unix_secs;
 use crate::registry::source::{CmaBudget, SyncError};
 use crate::registry::{Change, Registry, StackRegistry, Stacks, SyncReport};
@@ -34,7 +34,6 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The duration histograms, resolved per route kind.
     pub durations: RouteDurations,
-    pub usage: TokenUsage,
     /// Rate limits (SPEC §6).
     pub limits: Limits,
     /// The CMA request budget every stack's client spends (shared with the
@@ -86,7 +85,6 @@ impl Shared {
         if !admin {
             for uid in &diff.removed {
                 self.metrics.forget_token(&stack.name, uid);
-                self.usage.forget(stack.index, uid);
                 self.limits.forget(stack.index, uid);
             }
         }
@@ -112,14 +110,15 @@ impl Shared {
     /// `requests_total`), unless the token is gone by now.
     pub fn record_forwarded(&self, permit: &Permit<'_>) {
         let stack = permit.stack;
-        let uid = &permit.token.uid;
+        let token = &permit.token;
         let kind = permit.route.kind;
-        self.usage
-            .forwarded(&self.metrics, (stack.index, &stack.name), uid, kind);
-        self.forget_if_gone(stack, uid, Some(permit.version));
+        token
+            .usage
+            .forwarded(&self.metrics, &stack.name, &token.uid, kind);
+        self.forget_if_gone(stack, &token.uid, Some(permit.version));
     }
 
-    /// Forgets `uid`'s per-token state (usage entry, `requests_total` series,
+    /// Forgets `uid`'s per-token state (`requests_total` series,
     /// limiter bucket) again if the stack's current registry no longer lists
     /// it. The request path calls it after recording anything for a token:
     /// a request decided on an older version must not re-create what
@@ -137,7 +136,6 @@ impl Shared {
         };
         if gone {
             self.metrics.forget_token(&stack.name, uid);
-            self.usage.forget(stack.index, uid);
             self.limits.forget(stack.index, uid);
         }
     }

@@ -405,6 +405,19 @@ async fn narrowing_a_scope_ends_only_the_sessions_it_no_longer_covers() {
     w.sync_to(tokens).await;
     on_main.wait_closed().await;
     on_alias.wait_closed().await;
+
+    // The token changed twice; what it counted stayed with it (by uid).
+    let tokens = w.gateway.admin("GET", "/admin/tokens").await.json();
+    let prod = tokens["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["uid"] == "blt_prod")
+        .unwrap()
+        .clone();
+    assert_eq!(prod["environment"]["name"], "staging", "{prod}");
+    assert_eq!(prod["requests"], 6, "{prod}");
+    assert_eq!(prod["rejections"], 1, "{prod}");
 }
 
 #[tokio::test]
@@ -500,6 +513,14 @@ async fn a_request_waiting_for_its_response_head_is_aborted() {
     assert!(!line.contains(PROD), "{line}");
 }
 
+/// The requests `GET /admin/tokens` would show for `uid` on the first
+/// stack: `None` when the registry does not list it.
+fn requests_of(shared: &stackgate::Shared, uid: &str) -> Option<u64> {
+    let view = shared.stacks.get(0)?.view()?;
+    let token = view.registry.get(uid)?;
+    Some(token.usage.requests())
+}
+
 /// No resurrection (SPEC §6, §7): a request decided on the registry version
 /// before its token's deletion, and counted after it, leaves no usage entry,
 /// no `requests_total` series and no limiter bucket behind.
@@ -514,7 +535,7 @@ async fn a_request_decided_before_a_deletion_does_not_resurrect_its_token() {
     let shared = std::sync::Arc::clone(&gateway.shared);
     let reply = send(gateway.http, delivery("/v3/entries", PROD)).await;
     assert_eq!(reply.status, 200);
-    assert!(shared.usage.get(0, "blt_prod").is_some());
+    assert_eq!(requests_of(&shared, "blt_prod"), Some(1));
     assert_eq!(shared.limits.tracked_tokens(0), 1);
 
     // Decided on the version that still lists the token...
@@ -536,12 +557,15 @@ async fn a_request_decided_before_a_deletion_does_not_resurrect_its_token() {
         report["stacks"]["website"]["removed"][0], "blt_prod",
         "{report}"
     );
-    assert!(shared.usage.get(0, "blt_prod").is_none());
+    assert_eq!(requests_of(&shared, "blt_prod"), None);
     assert!(shared.limits.admit(0, &permit.token).is_ok());
     shared.record_forwarded(&permit);
+    // Counted on the token it was decided on, which went with its version.
+    assert_eq!(permit.token.usage.requests(), 2);
 
-    assert!(
-        shared.usage.get(0, "blt_prod").is_none(),
+    assert_eq!(
+        requests_of(&shared, "blt_prod"),
+        None,
         "the usage entry came back"
     );
     assert_eq!(shared.limits.tracked_tokens(0), 0, "the bucket came back");
@@ -612,7 +636,7 @@ async fn a_token_deleted_under_load_leaves_no_state_behind() {
         shared.sessions.live(0, "blt_prod") == 0
     })
     .await;
-    assert!(shared.usage.get(0, "blt_prod").is_none(), "usage came back");
+    assert_eq!(requests_of(shared, "blt_prod"), None, "usage came back");
     assert_eq!(shared.limits.tracked_tokens(0), 0, "a bucket came back");
     let metrics = gateway.metrics().await;
     assert!(

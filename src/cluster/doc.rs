@@ -77,15 +77,18 @@ impl Doc {
 }
 
 /// The registry at `version` made of `tokens`, `revoked` and the cluster's
-/// admin set.
+/// admin set, keeping what `previous` (the registry it replaces) holds of
+/// its tokens: their allocations and their usage
+/// ([`Registry::from_listing`]).
 pub fn compose(
     version: u64,
     tokens: Vec<Token>,
+    previous: Option<&Registry>,
     revoked: DigestMap<Revoked>,
     admin: &BTreeSet<String>,
 ) -> Registry {
     let admin = admin.iter().map(|u| Arc::from(u.as_str())).collect();
-    Registry::from_parts(version, tokens, revoked, admin)
+    Registry::from_listing(version, tokens, previous, revoked, admin)
 }
 
 /// Whether two registries hold the same tokens, revoked digests and admin
@@ -123,7 +126,13 @@ mod tests {
         }
         let (tokens, revoked) = Doc::parse(&json).unwrap().parts().unwrap();
         let admin = BTreeSet::from(["a".to_owned()]);
-        let back = compose(9, tokens, revoked, &admin);
+        let back = compose(9, tokens.clone(), None, revoked.clone(), &admin);
+        assert_eq!(back.get("a").unwrap().usage.requests(), 0);
+        // Over the registry it replaces, a token keeps its usage.
+        reg.get("a").unwrap().usage.refused();
+        let over = compose(9, tokens, Some(&reg), revoked.clone(), &admin);
+        assert_eq!(over.get("a").unwrap().usage.requests(), 1);
+        assert!(same_content(&over, &back));
         assert_eq!(back.version(), 9);
         assert_eq!(back.len(), 1);
         assert!(back.is_admin_revoked("a"));
@@ -131,6 +140,7 @@ mod tests {
         let plain = compose(
             9,
             reg.tokens().map(|t| Token::clone(t)).collect(),
+            None,
             reg.revoked().clone(),
             &BTreeSet::new(),
         );

@@ -222,7 +222,7 @@ impl Cluster {
                 let held = current.map_or(0, Registry::version);
                 match parsed {
                     Some(((tokens, revoked), _)) => {
-                        let candidate = compose(version, tokens, revoked, &admin);
+                        let candidate = compose(version, tokens, current, revoked, &admin);
                         let newer = version > held
                             || (version == held
                                 && !current.is_some_and(|c| same_content(c, &candidate)));
@@ -243,7 +243,13 @@ impl Cluster {
                         // Never backward: a node ahead moves one version on.
                         let v = if version > held { version } else { held + 1 };
                         let tokens = current.tokens().map(|t| Token::clone(t)).collect();
-                        Some(compose(v, tokens, current.revoked().clone(), &admin))
+                        Some(compose(
+                            v,
+                            tokens,
+                            Some(current),
+                            current.revoked().clone(),
+                            &admin,
+                        ))
                     }
                 }
             })

@@ -222,6 +222,7 @@ fn list(l: Option<&[&str]>) -> Option<Vec<String>> {
 
 fn to_token(t: &ModelToken) -> Token {
     Token {
+        usage: Default::default(),
         uid: Arc::from(t.uid),
         name: t.uid.to_owned(),
         scope: Arc::new(Scope {

@@ -37,6 +37,7 @@ fn token(
 ) -> Token {
     let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
     Token {
+        usage: Default::default(),
         uid: Arc::from(uid),
         name: uid.to_owned(),
         scope: Arc::new(Scope {
@@ -340,7 +341,7 @@ fn refusals_carry_the_token_uid_once_known() {
         .into_parts();
     match w.decide(&parts, Instant::now()) {
         Decision::Refuse(r) => {
-            assert_eq!(r.token.as_deref(), Some("blt_prod"));
+            assert_eq!(r.token.as_ref().map(|t| &*t.uid), Some("blt_prod"));
             assert_eq!(r.stack.map(|s| &*s.name), Some("website"));
         }
         other => panic!("expected a refusal, got {other:?}"),

@@ -14,6 +14,7 @@ fn rate(rate: u32, burst: u32) -> Option<RateLimit> {
 
 fn token(uid: &str, name: &str) -> Token {
     Token {
+        usage: Default::default(),
         uid: Arc::from(uid),
         name: name.to_owned(),
         scope: Default::default(),

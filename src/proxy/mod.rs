@@ -35,6 +35,7 @@ use crate::conn::{ActivityGuard, ConnInfo};
 use crate::decision::{check_and_read, decide_read, recheck, Decision, Permit, Refusal};
 use crate::limits::Limited as RateLimited;
 use crate::metrics::{NO_STACK, NO_TOKEN};
+use crate::registry::Token;
 use crate::reject::{BadRequest, Reject};
 use crate::response::{self, Body};
 use crate::state::Shared;
@@ -122,7 +123,7 @@ async fn route_request(
 fn admit<'a>(shared: &Shared, client: IpAddr, permit: &Permit<'a>) -> Result<(), Refusal<'a>> {
     let limits = &shared.limits;
     let stack = permit.stack;
-    let refusal = |limited: RateLimited, token: Option<Arc<str>>| Refusal {
+    let refusal = |limited: RateLimited, token: Option<Arc<Token>>| Refusal {
         reject: limited.reject(),
         route: Some(permit.route),
         stack: Some(stack),
@@ -133,7 +134,7 @@ fn admit<'a>(shared: &Shared, client: IpAddr, permit: &Permit<'a>) -> Result<(),
         .map_err(|limited| refusal(limited, None))?;
     limits
         .admit(stack.index, &permit.token)
-        .map_err(|limited| refusal(limited, Some(Arc::clone(&permit.token.uid))))
+        .map_err(|limited| refusal(limited, Some(Arc::clone(&permit.token))))
 }
 
 /// A failed authentication (rows 8 to 14) spends a cell of the client's
@@ -170,7 +171,7 @@ fn refuse(
     let access = Access {
         request_id: log_id(parts),
         stack: stack.map_or(NO_STACK, |s| &s.name),
-        token: token.as_deref().unwrap_or(NO_TOKEN),
+        token: token.as_ref().map_or(NO_TOKEN, |t| &t.uid),
         route: route.map_or("", |r| r.kind.name()),
     };
     let metrics = &shared.metrics;
@@ -178,8 +179,8 @@ fn refuse(
         .rejections
         .with_label_values(&[access.stack, reject.reason()])
         .inc();
-    if let (Some(stack), Some(uid)) = (stack, &token) {
-        shared.usage.record(stack.index, uid, true);
+    if let Some(token) = &token {
+        token.usage.refused();
     }
     let outcome = match reject {
         Reject::UpstreamError | Reject::UpstreamTimeout | Reject::UpstreamBusy => "upstream_error",
@@ -189,9 +190,9 @@ fn refuse(
         .requests
         .with_label_values(&[access.stack, access.token, access.route, outcome])
         .inc();
-    if let (Some(stack), Some(uid)) = (stack, &token) {
+    if let (Some(stack), Some(token)) = (stack, &token) {
         // Recorded above for a token the registry may have dropped since.
-        shared.forget_if_gone(stack, uid, None);
+        shared.forget_if_gone(stack, &token.uid, None);
     }
     let elapsed = started.elapsed();
     if let Some(route) = route {
@@ -371,7 +372,7 @@ fn permit_refusal<'a>(permit: &Permit<'a>, reject: Reject) -> Refusal<'a> {
         reject,
         route: Some(permit.route),
         stack: Some(permit.stack),
-        token: Some(Arc::clone(&permit.token.uid)),
+        token: Some(Arc::clone(&permit.token)),
     }
 }
 

@@ -150,6 +150,7 @@ mod tests {
 
     fn token(uid: &str, value: &str, preview: Option<&str>, branches: Option<&[&str]>) -> Token {
         Token {
+            usage: Default::default(),
             uid: Arc::from(uid),
             name: uid.to_owned(),
             scope: Arc::new(Scope {

@@ -20,6 +20,7 @@ pub mod stack;
 pub use diff::Diff;
 pub use model::{
     Digest, DigestMemo, Environment, Lookup, Presented, Registry, Scope, Token, TokenKind,
+    TokenUsage,
 };
 pub use stack::{Change, StackRegistry, SyncReport, View};
 

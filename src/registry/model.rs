@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::metrics::Usage;
+
 /// How long a removed token's digest is remembered, so that it is answered
 /// `token_revoked` rather than `invalid_token`.
 pub const REVOKED_MEMORY_SECS: u64 = 7 * 24 * 3600;
@@ -246,6 +248,40 @@ pub struct Token {
     pub delivery: Digest,
     /// Digest of the preview token value, if the token has one.
     pub preview: Option<Digest>,
+    /// What the gateway counts for the token; not part of what the token
+    /// is (see [`TokenUsage`]).
+    pub usage: TokenUsage,
+}
+
+/// A token's [`Usage`], shared by every registry version that lists the
+/// token ([`Registry::from_listing`] carries it by uid). It is state, not
+/// identity: two tokens compare equal whatever their usage, so a listing
+/// compares with the last one by what the CMA says alone.
+#[derive(Clone, Default)]
+pub struct TokenUsage(Arc<Usage>);
+
+impl std::ops::Deref for TokenUsage {
+    type Target = Usage;
+
+    fn deref(&self) -> &Usage {
+        &self.0
+    }
+}
+
+impl PartialEq for TokenUsage {
+    fn eq(&self, _: &TokenUsage) -> bool {
+        true
+    }
+}
+
+impl Eq for TokenUsage {}
+
+impl fmt::Debug for TokenUsage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenUsage")
+            .field("requests", &self.requests())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A digest that used to be valid.
@@ -303,7 +339,8 @@ impl Registry {
     /// token listed unchanged: a reload of 100,000 tokens of which one
     /// changed allocates one token, its long-lived objects stay where they
     /// were (so the memory the reload frees goes back whole), and an
-    /// unchanged token is the same `Arc` in both versions.
+    /// unchanged token is the same `Arc` in both versions. A changed token
+    /// keeps its [`TokenUsage`] (found by uid).
     pub fn from_listing(
         version: u64,
         tokens: Vec<Token>,
@@ -319,10 +356,8 @@ impl Registry {
         // any token in cache, and saves memory per token.
         let mut scopes: HashSet<Arc<Scope>> = HashSet::new();
         for mut token in tokens {
-            let kept = previous
-                .and_then(|previous| previous.get(&token.uid))
-                .filter(|kept| ***kept == token);
-            let token = match kept {
+            let before = previous.and_then(|previous| previous.get(&token.uid));
+            let token = match before.filter(|before| ***before == token) {
                 Some(kept) => {
                     if !scopes.contains(&kept.scope) {
                         scopes.insert(Arc::clone(&kept.scope));
@@ -330,6 +365,9 @@ impl Registry {
                     Arc::clone(kept)
                 }
                 None => {
+                    if let Some(before) = before {
+                        token.usage = before.usage.clone();
+                    }
                     match scopes.get(&token.scope) {
                         Some(shared) => token.scope = Arc::clone(shared),
                         None => {
@@ -480,6 +518,7 @@ pub(crate) mod tests {
 
     pub(crate) fn token(uid: &str, value: &str, preview: Option<&str>) -> Token {
         Token {
+            usage: Default::default(),
             uid: Arc::from(uid),
             name: format!("{uid} name"),
             scope: Arc::new(Scope {
@@ -559,6 +598,51 @@ pub(crate) mod tests {
         assert!(Arc::ptr_eq(&scope("a"), &scope("b")));
         assert!(!Arc::ptr_eq(&scope("a"), &scope("c")));
         assert_eq!(scope("c").branches, Some(vec!["dev".to_owned()]));
+    }
+
+    #[test]
+    fn a_token_keeps_its_usage_across_versions_until_it_is_gone() {
+        let none = || DigestMap::default();
+        let v1 = Registry::from_parts(
+            1,
+            vec![token("a", "v1", None), token("b", "v2", None)],
+            none(),
+            BTreeSet::new(),
+        );
+        let usage = |registry: &Registry, uid: &str| registry.get(uid).unwrap().usage.requests();
+        v1.get("a").unwrap().usage.refused();
+        v1.get("b").unwrap().usage.refused();
+        // "a" unchanged, "b" rotated: each keeps what it counted.
+        let v2 = Registry::from_listing(
+            2,
+            vec![token("a", "v1", None), token("b", "v2-new", None)],
+            Some(&v1),
+            none(),
+            BTreeSet::new(),
+        );
+        assert_eq!((usage(&v2, "a"), usage(&v2, "b")), (1, 1));
+        // Counted on the old version (a request decided on it) shows on the new.
+        v1.get("b").unwrap().usage.refused();
+        assert_eq!(usage(&v2, "b"), 2);
+        assert_eq!(v2.get("b").unwrap().usage.rejections(), 2);
+        // Gone, then listed again: a new token as far as usage goes.
+        let v3 = Registry::from_listing(
+            3,
+            vec![token("a", "v1", None)],
+            Some(&v2),
+            none(),
+            BTreeSet::new(),
+        );
+        let v4 = Registry::from_listing(
+            4,
+            vec![token("a", "v1", None), token("b", "v2-new", None)],
+            Some(&v3),
+            none(),
+            BTreeSet::new(),
+        );
+        assert_eq!((usage(&v4, "a"), usage(&v4, "b")), (1, 0));
+        assert_eq!(v4.get("b").unwrap().usage.last_used(), None);
+        assert!(v1.get("b").unwrap().usage.last_used().is_some());
     }
 
     #[test]

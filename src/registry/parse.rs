@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::model::{Digest, Environment, Scope, Token};
+use super::model::{Digest, Environment, Scope, Token, TokenUsage};
 
 /// Why a token list was refused. Never contains document text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -145,6 +145,7 @@ fn convert(raw: CmaToken) -> Token {
             .preview_token
             .filter(|p| !p.is_empty())
             .map(|p| Digest::of(p.as_bytes())),
+        usage: TokenUsage::default(),
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Digest, DigestMap, Registry, Revoked, Scope, Token, TokenKind};
+use super::model::{Digest, DigestMap, Registry, Revoked, Scope, Token, TokenKind, TokenUsage};
 
 /// The snapshot format version this build writes and reads.
 pub const FORMAT: u32 = 1;
@@ -79,6 +79,7 @@ impl StoredToken {
                 Some(hex) => Some(Digest::from_hex(hex)?),
                 None => None,
             },
+            usage: TokenUsage::default(),
         })
     }
 }

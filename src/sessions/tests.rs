@@ -54,6 +54,7 @@ fn fixture() -> Fixture {
 
 fn token(uid: &str, branches: &[&str]) -> Arc<Token> {
     Arc::new(Token {
+        usage: Default::default(),
         uid: Arc::from(uid),
         name: uid.into(),
         scope: Arc::new(Scope {
