@@ -11,14 +11,27 @@
 //! but without its generic machinery (a calendar computation and padded,
 //! styled pieces per line): the access log writes a line per request, and the
 //! default formatter took about a seventh of the request path's instructions.
+//!
+//! Access lines are written in batches, as nginx's `access_log ... buffer=64k
+//! flush=100ms` writes them ([`Batched`]): a line waits in memory at most
+//! [`ACCESS_FLUSH_AFTER`], or until [`ACCESS_BUFFER`] bytes are waiting, and
+//! then goes out with the others in one `write`. Every other line (warnings,
+//! errors, registry changes) is written at once, after the access lines
+//! before it, so the order on stderr is the order of the events. Lines are
+//! whole (none interleaved) and none is dropped: a full buffer is written by
+//! the thread that fills it, and [`LogGuard`] writes what waits when the
+//! process ends.
 
 use std::cell::Cell;
 use std::fmt;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormattedFields};
+use tracing_subscriber::fmt::{FmtContext, FormattedFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
@@ -30,17 +43,207 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. Safe to call once per process.
-pub fn init(format: LogFormat) {
+/// The target of access lines, the ones written in batches.
+pub const ACCESS_TARGET: &str = "stackgate::access";
+/// Access lines are written once this many bytes wait.
+pub const ACCESS_BUFFER: usize = 64 * 1024;
+/// An access line waits at most this long before it is written.
+pub const ACCESS_FLUSH_AFTER: Duration = Duration::from_millis(100);
+
+static STDERR: OnceLock<Arc<Batched<io::Stderr>>> = OnceLock::new();
+
+/// Installs the global subscriber, writing to stderr. Safe to call once per
+/// process; keep the guard until the process ends (it writes the access
+/// lines still waiting).
+pub fn init(format: LogFormat) -> LogGuard {
+    let sink = STDERR.get_or_init(|| Batched::new(io::stderr(), ACCESS_BUFFER, ACCESS_FLUSH_AFTER));
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
-        .with_writer(std::io::stderr);
+        .with_writer(MakeLines(Arc::clone(sink)));
     let _ = match format {
         LogFormat::Text => builder.event_format(TextFormat).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    LogGuard(())
+}
+
+/// Writes the access lines that wait, now (before writing to stderr
+/// directly, so that what was logged comes first).
+pub fn flush() {
+    if let Some(sink) = STDERR.get() {
+        sink.flush();
+    }
+}
+
+/// Writes the access lines still waiting when it is dropped.
+#[must_use = "dropping the guard is when the last access lines are written"]
+pub struct LogGuard(());
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        flush();
+    }
+}
+
+/// Log lines on their way to `out`: access lines ([`ACCESS_TARGET`]) wait,
+/// up to `limit` bytes and `flush_after`, to be written together; any other
+/// line is written at once, behind them. A background thread writes what
+/// has waited `flush_after`; the writer that fills the buffer writes it.
+pub struct Batched<W> {
+    state: Mutex<Pending<W>>,
+    /// Tells the flushing thread that a batch started (or that it must stop).
+    started: Condvar,
+    limit: usize,
+    flush_after: Duration,
+}
+
+struct Pending<W> {
+    out: W,
+    lines: Vec<u8>,
+    /// When the first line of the waiting batch came; `None`: nothing waits.
+    since: Option<Instant>,
+    closed: bool,
+}
+
+impl<W: io::Write + Send + 'static> Batched<W> {
+    /// A sink writing to `out`, with its flushing thread.
+    pub fn new(out: W, limit: usize, flush_after: Duration) -> Arc<Self> {
+        let batched = Arc::new(Batched {
+            state: Mutex::new(Pending {
+                out,
+                lines: Vec::with_capacity(limit),
+                since: None,
+                closed: false,
+            }),
+            started: Condvar::new(),
+            limit,
+            flush_after,
+        });
+        let flusher = Arc::clone(&batched);
+        let spawned = std::thread::Builder::new()
+            .name("stackgate-log".to_owned())
+            .spawn(move || flusher.flush_when_due());
+        if spawned.is_err() {
+            // No thread: every line is written at once.
+            batched.lock().closed = true;
+        }
+        batched
+    }
+}
+
+impl<W: io::Write> Batched<W> {
+    fn lock(&self) -> MutexGuard<'_, Pending<W>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a whole line; `wait`: it may wait for the batch.
+    pub fn write_line(&self, line: &[u8], wait: bool) {
+        let mut state = self.lock();
+        if !wait || state.closed {
+            state.write_out();
+            let _ = state.out.write_all(line);
+            return;
+        }
+        state.lines.extend_from_slice(line);
+        if state.lines.len() >= self.limit {
+            state.write_out();
+        } else if state.since.is_none() {
+            state.since = Some(Instant::now());
+            self.started.notify_one();
+        }
+    }
+
+    /// Writes what waits.
+    pub fn flush(&self) {
+        self.lock().write_out();
+    }
+
+    /// Writes what waits and stops the flushing thread; later lines are
+    /// written at once.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.write_out();
+        state.closed = true;
+        self.started.notify_one();
+    }
+
+    fn flush_when_due(&self) {
+        let mut state = self.lock();
+        loop {
+            if state.closed {
+                return;
+            }
+            state = match state.since {
+                None => self.started.wait(state).unwrap_or_else(|p| p.into_inner()),
+                Some(since) => {
+                    let waited = since.elapsed();
+                    if waited >= self.flush_after {
+                        state.write_out();
+                        state
+                    } else {
+                        self.started
+                            .wait_timeout(state, self.flush_after - waited)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                }
+            };
+        }
+    }
+}
+
+impl<W: io::Write> Pending<W> {
+    fn write_out(&mut self) {
+        if !self.lines.is_empty() {
+            // As with unbatched lines, a failing stderr loses the lines: there
+            // is nowhere else to say so.
+            let _ = self.out.write_all(&self.lines);
+            let _ = self.out.flush();
+            self.lines.clear();
+        }
+        self.since = None;
+    }
+}
+
+/// One event's line, handed to its [`Batched`] in one piece.
+pub struct LineWriter<'a, W> {
+    sink: &'a Batched<W>,
+    wait: bool,
+}
+
+impl<W: io::Write> io::Write for LineWriter<'_, W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.sink.write_line(bytes, self.wait);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a subscriber writes its lines with: access lines wait for their
+/// batch, others go at once.
+pub struct MakeLines<W>(pub Arc<Batched<W>>);
+
+impl<'a, W: io::Write + 'a> MakeWriter<'a> for MakeLines<W> {
+    type Writer = LineWriter<'a, W>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter {
+            sink: &self.0,
+            wait: false,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        LineWriter {
+            sink: &self.0,
+            wait: meta.target() == ACCESS_TARGET,
+        }
+    }
 }
 
 /// The text line format (see the module documentation).
@@ -351,5 +554,114 @@ mod tests {
         );
         let theirs_stamp = theirs.split(' ').next().unwrap();
         assert_eq!(stamp[..16], theirs_stamp[..16], "the same minute");
+    }
+
+    impl Buffer {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    fn batched(limit: usize, flush_after: Duration) -> (Arc<Batched<Buffer>>, Buffer) {
+        let out = Buffer(Arc::new(Mutex::new(Vec::new())));
+        (Batched::new(out.clone(), limit, flush_after), out)
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn access_lines_wait_and_other_lines_write_them_first() {
+        let (sink, out) = batched(1024, HOUR);
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .event_format(TextFormat)
+            .with_writer(MakeLines(Arc::clone(&sink)))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: ACCESS_TARGET, n = 1, "forwarded");
+            tracing::info!(target: ACCESS_TARGET, n = 2, "forwarded");
+            assert_eq!(out.text(), "", "access lines wait for their batch");
+            tracing::warn!(target: "stackgate::registry", "sync failed");
+        });
+        let text = out.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].ends_with("forwarded n=1"), "{text}");
+        assert!(lines[1].ends_with("forwarded n=2"), "{text}");
+        assert!(lines[2].ends_with("sync failed"), "{text}");
+        sink.close();
+    }
+
+    #[test]
+    fn a_full_batch_is_written_by_the_line_that_fills_it() {
+        let (sink, out) = batched(100, HOUR);
+        let line = [b'x'; 39];
+        let line = [&line[..], b"\n"].concat();
+        sink.write_line(&line, true);
+        sink.write_line(&line, true);
+        assert_eq!(out.text(), "");
+        sink.write_line(&line, true);
+        assert_eq!(out.text().len(), 120, "three lines of 40 bytes");
+        sink.write_line(&line, true);
+        assert_eq!(out.text().len(), 120);
+        sink.close();
+        assert_eq!(out.text().len(), 160, "closing writes what waits");
+        sink.write_line(&line, true);
+        assert_eq!(out.text().len(), 200, "once closed, lines go at once");
+    }
+
+    #[test]
+    fn a_waiting_line_is_written_after_flush_after() {
+        let (sink, out) = batched(1 << 20, Duration::from_millis(20));
+        sink.write_line(b"one\n", true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while out.text().is_empty() {
+            assert!(Instant::now() < deadline, "the line was never written");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(out.text(), "one\n");
+        // And the next batch too.
+        sink.write_line(b"two\n", true);
+        while out.text().len() < 8 {
+            assert!(
+                Instant::now() < deadline,
+                "the second line was never written"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(out.text(), "one\ntwo\n");
+        sink.close();
+    }
+
+    #[test]
+    fn lines_from_many_threads_arrive_whole_and_all() {
+        let (sink, out) = batched(4096, Duration::from_millis(1));
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let sink = Arc::clone(&sink);
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        let line = format!("thread={t} line={i} {}\n", "y".repeat(i % 97));
+                        sink.write_line(line.as_bytes(), i % 500 != 0);
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        sink.close();
+        let text = out.text();
+        let mut next = [0usize; 4];
+        for line in text.lines() {
+            let (head, pad) = line.rsplit_once(' ').unwrap();
+            let (t, i) = head.split_once(' ').unwrap();
+            let t: usize = t.strip_prefix("thread=").unwrap().parse().unwrap();
+            let i: usize = i.strip_prefix("line=").unwrap().parse().unwrap();
+            assert_eq!(i, next[t], "thread {t}'s lines in order, none lost");
+            assert_eq!(pad, "y".repeat(i % 97), "{line}");
+            next[t] += 1;
+        }
+        assert_eq!(next, [2000; 4]);
     }
 }

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => {
-            logging::init(cli.log_format);
+            let _log = logging::init(cli.log_format);
             report(run(&config))
         }
         Command::Demo {
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
             admin,
             cluster,
         } => {
-            logging::init(cli.log_format);
+            let _log = logging::init(cli.log_format);
             match cluster {
                 Some(replicas) => report(demo_cluster(usize::from(replicas), http, admin)),
                 None => report(demo(http, admin)),
@@ -77,6 +77,8 @@ fn main() -> ExitCode {
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {
+    // What was logged comes before what is printed here.
+    logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

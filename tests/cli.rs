@@ -662,8 +662,8 @@ fn entries(token: &str) -> Request<Full<Bytes>> {
 }
 
 /// SIGTERM with a slow request in flight: the request completes, then the
-/// process exits 0 within the grace period.
-async fn drain_with_a_slow_request(gw: &mut Gateway, origin: &Origin) {
+/// process exits 0 within the grace period. Returns the slow request's id.
+async fn drain_with_a_slow_request(gw: &mut Gateway, origin: &Origin) -> String {
     let before = origin.request_count();
     let slow = tokio::spawn(send(
         gw.http,
@@ -679,6 +679,7 @@ async fn drain_with_a_slow_request(gw: &mut Gateway, origin: &Origin) {
     assert_eq!(slow.text(), r#"{"slow":true}"#);
     let status = gw.proc.exit_by(signalled + GRACE).await;
     assert!(status.success(), "exit status {status}");
+    request_id(&slow)
 }
 
 #[tokio::test]
@@ -731,9 +732,17 @@ async fn run_logs_json_access_lines_and_drains_on_sigterm() {
     assert_eq!(field(&line, "status"), 422, "{line}");
     assert_eq!(field(&line, "reason"), "branch_out_of_scope", "{line}");
 
-    drain_with_a_slow_request(&mut gw, &origin).await;
+    let slow = drain_with_a_slow_request(&mut gw, &origin).await;
 
     let lines = gw.proc.stderr.until_end().await;
+    // Its access line was one of the last: access lines wait for a batch,
+    // and what waits is written before the process ends.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("stackgate::access") && l.contains(&slow)),
+        "the last access line was lost: {lines:#?}"
+    );
     for line in lines {
         assert!(
             serde_json::from_str::<Value>(line).is_ok(),

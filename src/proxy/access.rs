@@ -49,7 +49,7 @@ impl<'a> Access<'a> {
             Outcome::Aborted(error) => ("request aborted", None, None, Some(error)),
         };
         tracing::info!(
-            target: "stackgate::access",
+            target: crate::logging::ACCESS_TARGET,
             request_id = %self.request_id,
             stack = %self.stack,
             token = %self.token,
