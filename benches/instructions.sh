@@ -211,8 +211,11 @@ measure_cmd() {
         wrk -t1 -c4 "$warm" -s "$OUT/request.lua" "http://127.0.0.1:$PORT_GATEWAY" >/dev/null
     callgrind_control -z "$pid" >/dev/null
     callgrind_control -i on "$pid" >/dev/null
+    local writes_before writes_after
+    writes_before=$(awk '/^syscw/ {print $2}' "/proc/$pid/io")
     BENCH_SEED=42 BENCH_CAP=$RANDOM_REQUESTS \
         wrk -t1 -c4 "$counted" -s "$OUT/request.lua" "http://127.0.0.1:$PORT_GATEWAY" >"$OUT/$name.wrk"
+    writes_after=$(awk '/^syscw/ {print $2}' "/proc/$pid/io")
     callgrind_control -i off "$pid" >/dev/null
     # stackgate drains on SIGINT; the floor ignores it (a background job of
     # a script), so TERM follows (callgrind writes its counts either way).
@@ -240,7 +243,7 @@ measure_cmd() {
         echo "$name: no instructions counted" >&2
         exit 1
     fi
-    python3 -c "print(f'$name {int($total) / $requests:.0f} $requests')"
+    python3 -c "print(f'$name {int($total) / $requests:.0f} $requests {($writes_after - $writes_before) / $requests:.3f}')"
 }
 
 cargo build --release --locked --bin stackgate >/dev/null
@@ -271,10 +274,10 @@ fi
 
 echo
 echo "instructions per $REQUEST request (callgrind, HTTP/1.1 keep-alive, 4 connections, $PATTERN token of $TOKENS, access log $ACCESS_LOG)"
-printf '%-8s %14s %10s\n' build instructions requests
+printf '%-8s %14s %10s %15s\n' build instructions requests 'writes/request'
 for line in "${RESULTS[@]}"; do
     # shellcheck disable=SC2086
-    printf '%-8s %14s %10s\n' $line
+    printf '%-8s %14s %10s %15s\n' $line
 done
 figure() { printf '%s\n' "${RESULTS[@]}" | awk -v name="$1" '$1 == name {print $2}'; }
 current=$(figure current)

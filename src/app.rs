@@ -184,6 +184,9 @@ impl Gateway {
         })?;
 
         let shared = build_shared(config)?;
+        // Not tracked: it writes access lines for as long as the runtime
+        // runs, the drain's included (the log guard writes the last ones).
+        tokio::spawn(crate::logging::flush_access_lines());
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(shared.config.server.max_connections));

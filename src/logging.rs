@@ -14,8 +14,9 @@
 //!
 //! Access lines are written in batches, as nginx's `access_log ... buffer=64k
 //! flush=100ms` writes them ([`Batched`]): a line waits in memory at most
-//! [`ACCESS_FLUSH_AFTER`], or until [`ACCESS_BUFFER`] bytes are waiting, and
-//! then goes out with the others in one `write`. Every other line (warnings,
+//! [`ACCESS_FLUSH_AFTER`] (written by [`flush_access_lines`], a task of the
+//! gateway), or until [`ACCESS_BUFFER`] bytes are waiting, and then goes out
+//! with the others in one `write`. Every other line (warnings,
 //! errors, registry changes) is written at once, after the access lines
 //! before it, so the order on stderr is the order of the events. Lines are
 //! whole (none interleaved) and none is dropped: a full buffer is written by
@@ -25,8 +26,10 @@
 use std::cell::Cell;
 use std::fmt;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
@@ -52,11 +55,22 @@ pub const ACCESS_FLUSH_AFTER: Duration = Duration::from_millis(100);
 
 static STDERR: OnceLock<Arc<Batched<io::Stderr>>> = OnceLock::new();
 
+/// Writes stderr's waiting access lines [`ACCESS_FLUSH_AFTER`] after each
+/// batch starts, for as long as it runs (the gateway spawns it on its
+/// runtime, and it ends with it: [`LogGuard`] writes what waits then). Ends
+/// at once without an [`init`].
+pub async fn flush_access_lines() {
+    if let Some(sink) = STDERR.get() {
+        sink.flush_after(ACCESS_FLUSH_AFTER, CancellationToken::new())
+            .await;
+    }
+}
+
 /// Installs the global subscriber, writing to stderr. Safe to call once per
 /// process; keep the guard until the process ends (it writes the access
 /// lines still waiting).
 pub fn init(format: LogFormat) -> LogGuard {
-    let sink = STDERR.get_or_init(|| Batched::new(io::stderr(), ACCESS_BUFFER, ACCESS_FLUSH_AFTER));
+    let sink = STDERR.get_or_init(|| Arc::new(Batched::new(io::stderr(), ACCESS_BUFFER)));
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -88,52 +102,39 @@ impl Drop for LogGuard {
 }
 
 /// Log lines on their way to `out`: access lines ([`ACCESS_TARGET`]) wait,
-/// up to `limit` bytes and `flush_after`, to be written together; any other
-/// line is written at once, behind them. A background thread writes what
-/// has waited `flush_after`; the writer that fills the buffer writes it.
+/// up to `limit` bytes, to be written together; any other line is written
+/// at once, behind them. The writer that fills the buffer writes it; a task
+/// of the gateway's runtime ([`flush_access_lines`]) writes a batch that has
+/// waited [`ACCESS_FLUSH_AFTER`]. No thread of its own: on a gateway pinned
+/// to one CPU, a writer thread woken per batch competed with the runtime.
 pub struct Batched<W> {
     state: Mutex<Pending<W>>,
-    /// Tells the flushing thread that a batch started (or that it must stop).
-    started: Condvar,
+    /// Tells the flushing task that a batch started.
+    started: tokio::sync::Notify,
     limit: usize,
-    flush_after: Duration,
 }
 
 struct Pending<W> {
     out: W,
     lines: Vec<u8>,
-    /// When the first line of the waiting batch came; `None`: nothing waits.
-    since: Option<Instant>,
-    closed: bool,
-}
-
-impl<W: io::Write + Send + 'static> Batched<W> {
-    /// A sink writing to `out`, with its flushing thread.
-    pub fn new(out: W, limit: usize, flush_after: Duration) -> Arc<Self> {
-        let batched = Arc::new(Batched {
-            state: Mutex::new(Pending {
-                out,
-                lines: Vec::with_capacity(limit),
-                since: None,
-                closed: false,
-            }),
-            started: Condvar::new(),
-            limit,
-            flush_after,
-        });
-        let flusher = Arc::clone(&batched);
-        let spawned = std::thread::Builder::new()
-            .name("stackgate-log".to_owned())
-            .spawn(move || flusher.flush_when_due());
-        if spawned.is_err() {
-            // No thread: every line is written at once.
-            batched.lock().closed = true;
-        }
-        batched
-    }
+    /// Whether lines wait.
+    waiting: bool,
 }
 
 impl<W: io::Write> Batched<W> {
+    /// A sink writing to `out`.
+    pub fn new(out: W, limit: usize) -> Self {
+        Batched {
+            state: Mutex::new(Pending {
+                out,
+                lines: Vec::with_capacity(limit),
+                waiting: false,
+            }),
+            started: tokio::sync::Notify::new(),
+            limit,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Pending<W>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -141,16 +142,17 @@ impl<W: io::Write> Batched<W> {
     /// Adds a whole line; `wait`: it may wait for the batch.
     pub fn write_line(&self, line: &[u8], wait: bool) {
         let mut state = self.lock();
-        if !wait || state.closed {
+        if !wait {
             state.write_out();
             let _ = state.out.write_all(line);
+            let _ = state.out.flush();
             return;
         }
         state.lines.extend_from_slice(line);
         if state.lines.len() >= self.limit {
             state.write_out();
-        } else if state.since.is_none() {
-            state.since = Some(Instant::now());
+        } else if !state.waiting {
+            state.waiting = true;
             self.started.notify_one();
         }
     }
@@ -160,37 +162,20 @@ impl<W: io::Write> Batched<W> {
         self.lock().write_out();
     }
 
-    /// Writes what waits and stops the flushing thread; later lines are
-    /// written at once.
-    pub fn close(&self) {
-        let mut state = self.lock();
-        state.write_out();
-        state.closed = true;
-        self.started.notify_one();
-    }
-
-    fn flush_when_due(&self) {
-        let mut state = self.lock();
+    /// Writes each batch `after` it started, until `stop`; then writes what
+    /// waits and returns.
+    pub async fn flush_after(&self, after: Duration, stop: CancellationToken) {
         loop {
-            if state.closed {
-                return;
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = self.started.notified() => {}
             }
-            state = match state.since {
-                None => self.started.wait(state).unwrap_or_else(|p| p.into_inner()),
-                Some(since) => {
-                    let waited = since.elapsed();
-                    if waited >= self.flush_after {
-                        state.write_out();
-                        state
-                    } else {
-                        self.started
-                            .wait_timeout(state, self.flush_after - waited)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0
-                    }
-                }
-            };
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(after) => self.flush(),
+            }
         }
+        self.flush();
     }
 }
 
@@ -203,7 +188,7 @@ impl<W: io::Write> Pending<W> {
             let _ = self.out.flush();
             self.lines.clear();
         }
-        self.since = None;
+        self.waiting = false;
     }
 }
 
@@ -562,16 +547,14 @@ mod tests {
         }
     }
 
-    fn batched(limit: usize, flush_after: Duration) -> (Arc<Batched<Buffer>>, Buffer) {
+    fn batched(limit: usize) -> (Arc<Batched<Buffer>>, Buffer) {
         let out = Buffer(Arc::new(Mutex::new(Vec::new())));
-        (Batched::new(out.clone(), limit, flush_after), out)
+        (Arc::new(Batched::new(out.clone(), limit)), out)
     }
-
-    const HOUR: Duration = Duration::from_secs(3600);
 
     #[test]
     fn access_lines_wait_and_other_lines_write_them_first() {
-        let (sink, out) = batched(1024, HOUR);
+        let (sink, out) = batched(1024);
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
             .event_format(TextFormat)
@@ -589,12 +572,11 @@ mod tests {
         assert!(lines[0].ends_with("forwarded n=1"), "{text}");
         assert!(lines[1].ends_with("forwarded n=2"), "{text}");
         assert!(lines[2].ends_with("sync failed"), "{text}");
-        sink.close();
     }
 
     #[test]
     fn a_full_batch_is_written_by_the_line_that_fills_it() {
-        let (sink, out) = batched(100, HOUR);
+        let (sink, out) = batched(100);
         let line = [b'x'; 39];
         let line = [&line[..], b"\n"].concat();
         sink.write_line(&line, true);
@@ -604,38 +586,44 @@ mod tests {
         assert_eq!(out.text().len(), 120, "three lines of 40 bytes");
         sink.write_line(&line, true);
         assert_eq!(out.text().len(), 120);
-        sink.close();
-        assert_eq!(out.text().len(), 160, "closing writes what waits");
-        sink.write_line(&line, true);
-        assert_eq!(out.text().len(), 200, "once closed, lines go at once");
+        sink.flush();
+        assert_eq!(out.text().len(), 160, "flushing writes what waits");
     }
 
-    #[test]
-    fn a_waiting_line_is_written_after_flush_after() {
-        let (sink, out) = batched(1 << 20, Duration::from_millis(20));
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_written_flush_after_it_started() {
+        let (sink, out) = batched(1 << 20);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (sink, stop) = (Arc::clone(&sink), stop.clone());
+            async move { sink.flush_after(Duration::from_millis(100), stop).await }
+        });
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
         sink.write_line(b"one\n", true);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while out.text().is_empty() {
-            assert!(Instant::now() < deadline, "the line was never written");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(out.text(), "one\n");
-        // And the next batch too.
+        tokio::time::sleep(Duration::from_millis(60)).await;
         sink.write_line(b"two\n", true);
-        while out.text().len() < 8 {
-            assert!(
-                Instant::now() < deadline,
-                "the second line was never written"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        tokio::time::sleep(Duration::from_millis(39)).await;
+        assert_eq!(out.text(), "", "not yet: the batch started 99 ms ago");
+        tokio::time::sleep(Duration::from_millis(2)).await;
         assert_eq!(out.text(), "one\ntwo\n");
-        sink.close();
+        assert!(started.elapsed() <= Duration::from_millis(101));
+        // The next batch starts its own 100 ms.
+        sink.write_line(b"three\n", true);
+        tokio::time::sleep(Duration::from_millis(99)).await;
+        assert_eq!(out.text(), "one\ntwo\n");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(out.text(), "one\ntwo\nthree\n");
+        // Stopping writes what waits.
+        sink.write_line(b"four\n", true);
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(out.text(), "one\ntwo\nthree\nfour\n");
     }
 
     #[test]
     fn lines_from_many_threads_arrive_whole_and_all() {
-        let (sink, out) = batched(4096, Duration::from_millis(1));
+        let (sink, out) = batched(4096);
         let writers: Vec<_> = (0..4)
             .map(|t| {
                 let sink = Arc::clone(&sink);
@@ -650,7 +638,7 @@ mod tests {
         for writer in writers {
             writer.join().unwrap();
         }
-        sink.close();
+        sink.flush();
         let text = out.text();
         let mut next = [0usize; 4];
         for line in text.lines() {
