@@ -357,12 +357,6 @@ async fn an_admin_revocation_does_not_wait_for_a_sync_stuck_mid_page() {
     );
     assert_eq!(status(&gateway, "cs_extra_delivery_value_9z").await.0, 200);
     let listed = gateway.admin("GET", "/admin/tokens").await.json();
-    let prod = listed["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["uid"] == "blt_prod")
-        .unwrap()
-        .clone();
+    let prod = listed_token(&listed, "blt_prod");
     assert_eq!(prod["revoked"], true, "{listed}");
 }

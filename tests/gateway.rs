@@ -800,26 +800,14 @@ async fn metrics_count_by_token_uid_and_reason() {
     )
     .await;
     let tokens = w.gateway.admin("GET", "/admin/tokens").await.json();
-    let prod = tokens["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["uid"] == "blt_prod")
-        .unwrap()
-        .clone();
+    let prod = listed_token(&tokens, "blt_prod");
     assert_eq!(prod["requests"], 2, "{prod}");
     assert_eq!(prod["rejections"], 1, "{prod}");
     assert!(
         prod["last_used"].as_u64().unwrap() > 1_700_000_000,
         "{prod}"
     );
-    let staging = tokens["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["uid"] == "blt_staging")
-        .unwrap()
-        .clone();
+    let staging = listed_token(&tokens, "blt_staging");
     assert_eq!(staging["requests"], 0);
     assert!(staging["last_used"].is_null());
 }

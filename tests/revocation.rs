@@ -408,13 +408,7 @@ async fn narrowing_a_scope_ends_only_the_sessions_it_no_longer_covers() {
 
     // The token changed twice; what it counted stayed with it (by uid).
     let tokens = w.gateway.admin("GET", "/admin/tokens").await.json();
-    let prod = tokens["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["uid"] == "blt_prod")
-        .unwrap()
-        .clone();
+    let prod = listed_token(&tokens, "blt_prod");
     assert_eq!(prod["environment"]["name"], "staging", "{prod}");
     assert_eq!(prod["requests"], 6, "{prod}");
     assert_eq!(prod["rejections"], 1, "{prod}");

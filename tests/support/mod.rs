@@ -277,6 +277,17 @@ impl Reply {
 }
 
 /// A request builder with `host` set.
+/// The entry of token `uid` in a `GET /admin/tokens` answer.
+pub fn listed_token(listed: &serde_json::Value, uid: &str) -> serde_json::Value {
+    listed["tokens"]
+        .as_array()
+        .expect("a token list")
+        .iter()
+        .find(|t| t["uid"] == uid)
+        .unwrap_or_else(|| panic!("{uid} is not listed: {listed}"))
+        .clone()
+}
+
 pub fn request(method: &str, host: &str, uri: &str) -> http::request::Builder {
     Request::builder()
         .method(method)
