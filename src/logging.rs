@@ -142,14 +142,10 @@ impl<W: io::Write> Batched<W> {
     /// Adds a whole line; `wait`: it may wait for the batch.
     pub fn write_line(&self, line: &[u8], wait: bool) {
         let mut state = self.lock();
-        if !wait {
-            state.write_out();
-            let _ = state.out.write_all(line);
-            let _ = state.out.flush();
-            return;
-        }
         state.lines.extend_from_slice(line);
-        if state.lines.len() >= self.limit {
+        // A line that does not wait goes out with those waiting before it,
+        // in one write.
+        if !wait || state.lines.len() >= self.limit {
             state.write_out();
         } else if !state.waiting {
             state.waiting = true;

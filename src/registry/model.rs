@@ -602,23 +602,28 @@ pub(crate) mod tests {
 
     #[test]
     fn a_token_keeps_its_usage_across_versions_until_it_is_gone() {
-        let none = || DigestMap::default();
-        let v1 = Registry::from_parts(
+        let listing = |version, tokens, previous| {
+            Registry::from_listing(
+                version,
+                tokens,
+                previous,
+                DigestMap::default(),
+                BTreeSet::new(),
+            )
+        };
+        let usage = |registry: &Registry, uid: &str| registry.get(uid).unwrap().usage.requests();
+        let v1 = listing(
             1,
             vec![token("a", "v1", None), token("b", "v2", None)],
-            none(),
-            BTreeSet::new(),
+            None,
         );
-        let usage = |registry: &Registry, uid: &str| registry.get(uid).unwrap().usage.requests();
         v1.get("a").unwrap().usage.refused();
         v1.get("b").unwrap().usage.refused();
         // "a" unchanged, "b" rotated: each keeps what it counted.
-        let v2 = Registry::from_listing(
+        let v2 = listing(
             2,
             vec![token("a", "v1", None), token("b", "v2-new", None)],
             Some(&v1),
-            none(),
-            BTreeSet::new(),
         );
         assert_eq!((usage(&v2, "a"), usage(&v2, "b")), (1, 1));
         // Counted on the old version (a request decided on it) shows on the new.
@@ -626,19 +631,11 @@ pub(crate) mod tests {
         assert_eq!(usage(&v2, "b"), 2);
         assert_eq!(v2.get("b").unwrap().usage.rejections(), 2);
         // Gone, then listed again: a new token as far as usage goes.
-        let v3 = Registry::from_listing(
-            3,
-            vec![token("a", "v1", None)],
-            Some(&v2),
-            none(),
-            BTreeSet::new(),
-        );
-        let v4 = Registry::from_listing(
+        let v3 = listing(3, vec![token("a", "v1", None)], Some(&v2));
+        let v4 = listing(
             4,
             vec![token("a", "v1", None), token("b", "v2-new", None)],
             Some(&v3),
-            none(),
-            BTreeSet::new(),
         );
         assert_eq!((usage(&v4, "a"), usage(&v4, "b")), (1, 0));
         assert_eq!(v4.get("b").unwrap().usage.last_used(), None);
