@@ -267,7 +267,7 @@ fn limits() -> Limits {
     Limits::with_clock([&settings], DefaultClock::default(), MAX_TRACKED_IPS)
 }
 
-fn allowed(decision: Decision<'_>) {
+fn allowed(decision: Decision<'_, '_>) {
     match decision {
         Decision::Forward(permit) => {
             black_box(&permit);

@@ -47,19 +47,25 @@ pub enum SessionKind {
 }
 
 /// A request that may be forwarded, with what revocation needs to know.
+/// `'r` is the routes' and stacks' lifetime, `'p` the request's: what is
+/// read from the request ends with `'p`, so that once the request is
+/// rebuilt for the origin its head can be moved into that request.
 #[derive(Debug)]
-pub struct Permit<'a> {
-    pub route: &'a Route,
+pub struct Permit<'r, 'p> {
+    pub route: &'r Route,
     /// The path to forward: normalized, route prefix stripped.
-    pub path: Cow<'a, str>,
-    pub stack: &'a Arc<StackRegistry>,
+    pub path: Cow<'p, str>,
+    pub stack: &'r Arc<StackRegistry>,
     pub token: Arc<Token>,
     pub session: SessionKind,
     /// The `environment` values the request gave, query then header (all
     /// in scope).
-    pub environments: canonical::Environments<'a>,
+    pub environments: canonical::Environments<'p>,
     /// The branch or alias it reads (`main` when none was given).
-    pub branch: Cow<'a, str>,
+    pub branch: Cow<'p, str>,
+    /// The request's `branch` header reads differently from `branch` (the
+    /// check trimmed it): the origin is sent `branch` instead.
+    pub branch_rewritten: bool,
     /// The version of the registry that decided it (see [`recheck`]).
     pub version: u64,
     /// The query is forwarded as it is (see [`canonical::canonical_query`]).
@@ -78,11 +84,11 @@ pub struct Refusal<'a> {
 
 /// The outcome of [`decide`].
 #[derive(Debug)]
-pub enum Decision<'a> {
-    Forward(Permit<'a>),
+pub enum Decision<'r, 'p> {
+    Forward(Permit<'r, 'p>),
     /// A CORS preflight, answered by the gateway.
-    Preflight(&'a Route),
-    Refuse(Refusal<'a>),
+    Preflight(&'r Route),
+    Refuse(Refusal<'r>),
 }
 
 /// Row 16: the HTTP layer's checks, before anything else is looked at.
@@ -191,26 +197,26 @@ fn check_hosts(parts: &Parts, host: Option<&HeaderValue>) -> Result<(), Ambiguit
 }
 
 /// Rows 1 to 14 of SPEC §3, in order.
-pub fn decide<'a>(
-    router: &'a Router,
-    stacks: &'a Stacks,
-    parts: &'a Parts,
+pub fn decide<'r, 'p>(
+    router: &'r Router,
+    stacks: &'r Stacks,
+    parts: &'p Parts,
     digests: &DigestMemo,
     now: Instant,
-) -> Decision<'a> {
+) -> Decision<'r, 'p> {
     let headers = HeadersRead::of(&parts.headers);
     decide_read(router, stacks, parts, headers, digests, now)
 }
 
 /// [`decide`], with the headers as [`check_and_read`] read them from `parts`.
-pub fn decide_read<'a>(
-    router: &'a Router,
-    stacks: &'a Stacks,
-    parts: &'a Parts,
-    headers: HeadersRead<'a>,
+pub fn decide_read<'r, 'p>(
+    router: &'r Router,
+    stacks: &'r Stacks,
+    parts: &'p Parts,
+    headers: HeadersRead<'p>,
     digests: &DigestMemo,
     now: Instant,
-) -> Decision<'a> {
+) -> Decision<'r, 'p> {
     let host = parts
         .uri
         .authority()
@@ -354,6 +360,9 @@ pub fn decide_read<'a>(
             Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
         },
     };
+    let branch_rewritten = headers
+        .branch
+        .is_some_and(|value| value.as_bytes() != branch.as_bytes());
     if !token.scope.allows_branch(&branch) {
         return refuse_stack(
             Reject::BranchOutOfScope {
@@ -370,6 +379,7 @@ pub fn decide_read<'a>(
         session,
         environments,
         branch,
+        branch_rewritten,
         version: registry.version(),
         query_canonical: query.canonical,
     })
@@ -381,11 +391,11 @@ pub fn decide_read<'a>(
 /// raw and the normalized path would be read differently: matched to
 /// different routes where either has a prefix (`/cda/../admin`), or naming
 /// different stacks on GraphQL (`/stacks/a/../b`).
-fn find_route<'a>(
-    router: &'a Router,
+fn find_route<'r, 'p>(
+    router: &'r Router,
     host: Option<&str>,
-    raw: &'a str,
-) -> Result<Option<(&'a Route, Cow<'a, str>)>, Option<&'a Route>> {
+    raw: &'p str,
+) -> Result<Option<(&'r Route, Cow<'p, str>)>, Option<&'r Route>> {
     let normal = canonical::normalize_path(raw).map_err(|_| None)?;
     let normal = match normal {
         Cow::Borrowed(path) => {
@@ -426,14 +436,14 @@ fn find_route<'a>(
 /// whether the registry moved since its decision, and if so is decided again
 /// on the new one: either the scan saw the session or this sees the new
 /// registry. The usual case costs one version read.
-pub fn recheck<'a>(
-    router: &'a Router,
-    stacks: &'a Stacks,
-    parts: &'a Parts,
-    permit: &Permit<'_>,
+pub fn recheck<'r>(
+    router: &'r Router,
+    stacks: &'r Stacks,
+    parts: &Parts,
+    permit: &Permit<'_, '_>,
     digests: &DigestMemo,
     now: Instant,
-) -> Option<Refusal<'a>> {
+) -> Option<Refusal<'r>> {
     let current = permit.stack.load().as_ref().map(|v| v.registry.version());
     if current == Some(permit.version) {
         return None;
@@ -444,12 +454,12 @@ pub fn recheck<'a>(
     }
 }
 
-fn refuse<'a>(
+fn refuse<'r, 'p>(
     reject: Reject,
-    route: Option<&'a Route>,
-    stack: Option<&'a Arc<StackRegistry>>,
+    route: Option<&'r Route>,
+    stack: Option<&'r Arc<StackRegistry>>,
     token: Option<Arc<Token>>,
-) -> Decision<'a> {
+) -> Decision<'r, 'p> {
     Decision::Refuse(Refusal {
         reject,
         route,

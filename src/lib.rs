@@ -44,8 +44,10 @@
 //!
 //! A request's path through the code: `server::serve_connection` ->
 //! `proxy::handle` -> `decision::check_and_read` and `decision::decide_read` ->
-//! `sessions::Sessions::begin` -> `proxy::outgoing::upstream_request` ->
-//! upstream -> `proxy::body::Tracked`.
+//! `proxy::grant` (`sessions::Sessions::begin`, `decision::recheck`,
+//! `proxy::outgoing::Target`) -> `proxy::forward` (the body; the client's
+//! head moved into `proxy::outgoing::upstream_request`) -> upstream ->
+//! `proxy::body::Tracked`.
 
 pub mod admin;
 pub mod app;

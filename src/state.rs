@@ -11,13 +11,12 @@
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::decision::Permit;
 use crate::limits::Limits;
 use crate::metrics::{Metrics, RouteDurations};
 use crate::registry::snapshot::unix_secs;
 use crate::registry::source::{CmaBudget, SyncError};
-use crate::registry::{Change, Registry, StackRegistry, Stacks, SyncReport};
-use crate::route::Router;
+use crate::registry::{Change, Registry, StackRegistry, Stacks, SyncReport, Token};
+use crate::route::{RouteKind, Router};
 use crate::sessions::Sessions;
 use crate::upstream::h1pool::H1Pool;
 use crate::upstream::HttpClient;
@@ -106,16 +105,20 @@ impl Shared {
 }
 
 impl Shared {
-    /// Counts a forwarded request of `permit`'s token (usage and
-    /// `requests_total`), unless the token is gone by now.
-    pub fn record_forwarded(&self, permit: &Permit<'_>) {
-        let stack = permit.stack;
-        let token = &permit.token;
-        let kind = permit.route.kind;
+    /// Counts a forwarded request of `token` on a `kind` route (usage and
+    /// `requests_total`), unless the token is gone by now; `version`: the
+    /// registry version that allowed it.
+    pub fn record_forwarded(
+        &self,
+        stack: &StackRegistry,
+        token: &Token,
+        kind: RouteKind,
+        version: u64,
+    ) {
         token
             .usage
             .forwarded(&self.metrics, &stack.name, &token.uid, kind);
-        self.forget_if_gone(stack, &token.uid, Some(permit.version));
+        self.forget_if_gone(stack, &token.uid, Some(version));
     }
 
     /// Forgets `uid`'s per-token state (`requests_total` series,

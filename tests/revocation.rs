@@ -553,7 +553,12 @@ async fn a_request_decided_before_a_deletion_does_not_resurrect_its_token() {
     );
     assert_eq!(requests_of(&shared, "blt_prod"), None);
     assert!(shared.limits.admit(0, &permit.token).is_ok());
-    shared.record_forwarded(&permit);
+    shared.record_forwarded(
+        permit.stack,
+        &permit.token,
+        permit.route.kind,
+        permit.version,
+    );
     // Counted on the token it was decided on, which went with its version.
     assert_eq!(permit.token.usage.requests(), 2);
 

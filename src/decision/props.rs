@@ -825,7 +825,7 @@ fn forward_only_when_every_row_allows() {
 
 /// A permit names the token the request presented, the route kind's session,
 /// and the environments (query, then header) and branch it asked for.
-fn check_permit(permit: &Permit<'_>, parts: &Parts) -> Result<(), TestCaseError> {
+fn check_permit(permit: &Permit<'_, '_>, parts: &Parts) -> Result<(), TestCaseError> {
     let preview = permit.route.kind.is_preview();
     let (header, wanted) = if preview {
         ("preview_token", TokenKind::Preview)

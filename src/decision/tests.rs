@@ -74,7 +74,7 @@ pub(crate) struct World {
 impl World {
     /// [`decide`] on this world, as a connection's first request (no digest
     /// remembered).
-    pub(crate) fn decide<'a>(&'a self, parts: &'a Parts, now: Instant) -> Decision<'a> {
+    pub(crate) fn decide<'p>(&self, parts: &'p Parts, now: Instant) -> Decision<'_, 'p> {
         decide(
             &self.router,
             &self.stacks,
@@ -493,7 +493,7 @@ async fn a_permit_is_decided_again_when_the_registry_moved() {
         .unwrap()
         .into_parts();
     let now = Instant::now();
-    let recheck = |permit: &Permit<'_>| {
+    let recheck = |permit: &Permit<'_, '_>| {
         recheck(
             &world.router,
             &world.stacks,

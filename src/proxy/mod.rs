@@ -3,9 +3,11 @@
 //! Every request goes through [`handle`]: row 16 ([`check_and_read`], which
 //! also reads the headers the decision needs), then the decision
 //! ([`decide_read`]), then the rate limits of row 15 ([`crate::limits`]),
-//! then, for a permit, the session registration, the upstream call and the
-//! streaming response. Every refusal is rendered by
-//! [`response::refusal`]; nothing refused is forwarded.
+//! then, for a permit, the session registration and the request's target
+//! (`grant`), and the body, the upstream call (the client's head moved
+//! into the upstream request) and the streaming response (`forward`).
+//! Every refusal is rendered by [`response::refusal`]; nothing refused is
+//! forwarded.
 //!
 //! - [`outgoing`]: what the origin receives.
 //! - [`body`]: the response body wrapper (revocation, stalls, guards).
@@ -25,7 +27,7 @@ use bytes::Bytes;
 use http::header;
 use http::request::Parts;
 use http::uri::Scheme;
-use http::{Method, Request, Response, Version};
+use http::{HeaderValue, Method, Request, Response, Version};
 use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -35,13 +37,15 @@ use crate::conn::{ActivityGuard, ConnInfo};
 use crate::decision::{check_and_read, decide_read, recheck, Decision, Permit, Refusal};
 use crate::limits::Limited as RateLimited;
 use crate::metrics::{NO_STACK, NO_TOKEN};
-use crate::registry::Token;
+use crate::registry::{StackRegistry, Token};
 use crate::reject::{BadRequest, Reject};
 use crate::response::{self, Body};
+use crate::route::Route;
+use crate::sessions::RequestGuard;
 use crate::state::Shared;
 use crate::upstream::h1pool::{self, Leased, SendError, UpstreamPermit};
 use access::{Access, Outcome, Pending};
-use outgoing::{log_id, request_id, strip_hop_by_hop, upstream_request};
+use outgoing::{strip_hop_by_hop, upstream_request, Rebuilt, RequestId, Target};
 
 /// Serves one request. An `Err` makes hyper reset the stream (HTTP/2) or
 /// close the connection (HTTP/1.1), which is how revocation cuts a request
@@ -54,9 +58,10 @@ pub async fn handle(
     let started = Instant::now();
     let activity = conn.activity.begin(request.version() == Version::HTTP_2);
     let (mut parts, body) = request.into_parts();
-    let request_id = request_id(&mut parts.headers);
-    let mut response = route_request(&shared, &conn, &parts, body, started, activity).await?;
-    response.headers_mut().insert(REQUEST_ID, request_id);
+    let id = RequestId::of(&parts.headers);
+    let routed = route_request(&shared, &conn, &mut parts, &id, body, started, activity);
+    let mut response = routed.await?;
+    response.headers_mut().insert(REQUEST_ID, id.value);
     Ok(response)
 }
 
@@ -66,10 +71,13 @@ fn finish(response: Response<Body>, activity: ActivityGuard) -> Response<Body> {
     response.map(|body| Tracked::new(body, None, Some(activity), None).boxed_unsync())
 }
 
+/// Everything but the request id: `parts` is the request's head, which a
+/// forwarded request moves into the upstream request (it is left empty).
 async fn route_request(
     shared: &Shared,
     conn: &ConnInfo,
-    parts: &Parts,
+    parts: &mut Parts,
+    id: &RequestId,
     body: Incoming,
     started: Instant,
     activity: ActivityGuard,
@@ -79,6 +87,7 @@ async fn route_request(
     } else {
         check_and_read(parts, shared.config.server.max_body_bytes)
     };
+    let origin = || parts.headers.get(header::ORIGIN);
     let headers = match http {
         Ok(headers) => headers,
         Err(bad) => {
@@ -88,30 +97,43 @@ async fn route_request(
                 stack: None,
                 token: None,
             };
-            return Ok(finish(refuse(shared, parts, refusal, started), activity));
+            let response = refuse(shared, id.text(), origin(), refusal, started);
+            return Ok(finish(response, activity));
         }
     };
     let client = conn.peer.ip();
     let (router, stacks) = (&shared.router, &shared.stacks);
-    match decide_read(router, stacks, parts, headers, &conn.digests, started) {
+    let permit = match decide_read(router, stacks, parts, headers, &conn.digests, started) {
         Decision::Preflight(route) => {
             let access = Access {
                 route: route.kind.name(),
-                ..Access::anonymous(log_id(parts))
+                ..Access::anonymous(id.text())
             };
             access.write(Outcome::Preflight, started.elapsed());
-            let response = response::preflight(route, parts.headers.get(header::ORIGIN));
-            Ok(finish(response, activity))
+            let response = response::preflight(route, origin());
+            return Ok(finish(response, activity));
         }
         Decision::Refuse(refusal) => {
             let refusal = count_failed_auth(shared, client, refusal);
-            Ok(finish(refuse(shared, parts, refusal, started), activity))
+            let response = refuse(shared, id.text(), origin(), refusal, started);
+            return Ok(finish(response, activity));
         }
-        Decision::Forward(permit) => match admit(shared, client, &permit) {
-            Ok(()) => forward(shared, conn, parts, body, permit, started, activity).await,
-            Err(refusal) => Ok(finish(refuse(shared, parts, refusal, started), activity)),
-        },
+        Decision::Forward(permit) => permit,
+    };
+    if let Err(refusal) = admit(shared, client, &permit) {
+        let response = refuse(shared, id.text(), origin(), refusal, started);
+        return Ok(finish(response, activity));
     }
+    let granted = match grant(shared, conn, parts, permit, started) {
+        Ok(granted) => granted,
+        Err(refusal) => {
+            let response = refuse(shared, id.text(), origin(), refusal, started);
+            return Ok(finish(response, activity));
+        }
+    };
+    // What was read from the request is done with: its head can move into
+    // the upstream request.
+    forward(shared, conn, parts, id, body, granted, started, activity).await
 }
 
 /// Row 15 for a permitted request: the client's failed-authentication
@@ -120,7 +142,7 @@ async fn route_request(
 /// `decide` is pure, so having run it for a penalised client and answering
 /// 429 instead is the same, seen from outside, as not evaluating the token
 /// at all: the penalty refusal names no token and spends no token budget.
-fn admit<'a>(shared: &Shared, client: IpAddr, permit: &Permit<'a>) -> Result<(), Refusal<'a>> {
+fn admit<'r>(shared: &Shared, client: IpAddr, permit: &Permit<'r, '_>) -> Result<(), Refusal<'r>> {
     let limits = &shared.limits;
     let stack = permit.stack;
     let refusal = |limited: RateLimited, token: Option<Arc<Token>>| Refusal {
@@ -155,10 +177,11 @@ fn count_failed_auth<'a>(shared: &Shared, client: IpAddr, refusal: Refusal<'a>) 
     }
 }
 
-/// Counts, logs and answers a refusal.
+/// Counts, logs and answers a refusal (`origin`: the request's `Origin`).
 fn refuse(
     shared: &Shared,
-    parts: &Parts,
+    request_id: &str,
+    origin: Option<&HeaderValue>,
     refusal: Refusal<'_>,
     started: Instant,
 ) -> Response<Body> {
@@ -169,7 +192,7 @@ fn refuse(
         token,
     } = refusal;
     let access = Access {
-        request_id: log_id(parts),
+        request_id,
         stack: stack.map_or(NO_STACK, |s| &s.name),
         token: token.as_ref().map_or(NO_TOKEN, |t| &t.uid),
         route: route.map_or("", |r| r.kind.name()),
@@ -198,37 +221,117 @@ fn refuse(
     if let Some(route) = route {
         shared.durations.request[route.kind.index()].observe(elapsed.as_secs_f64());
     }
-    let response = response::refusal(&reject, route, parts.headers.get(header::ORIGIN));
+    let response = response::refusal(&reject, route, origin);
     let status = response.status().as_u16();
     access.write(Outcome::Refused(status, reject.reason()), elapsed);
     response
 }
 
+/// A permitted request with its session registered, as far as forwarding
+/// it needs: nothing of it borrows the request any more.
+struct Granted<'r> {
+    route: &'r Route,
+    stack: &'r Arc<StackRegistry>,
+    token: Arc<Token>,
+    /// The registry version that decided it.
+    version: u64,
+    guard: RequestGuard,
+    target: Target<'r>,
+    /// Through the shared pooled client rather than the HTTP/1.1 pool.
+    pooled: bool,
+}
+
+/// Registers a permitted request's session, checks that the permit still
+/// holds ([`recheck`]) and decides the request's [`Target`]: all that
+/// reads the request before its head moves into the upstream request. The
+/// session is registered before the body is read, so that a revocation
+/// cuts an upload too.
+fn grant<'r>(
+    shared: &'r Shared,
+    conn: &ConnInfo,
+    parts: &Parts,
+    permit: Permit<'r, '_>,
+    now: Instant,
+) -> Result<Granted<'r>, Refusal<'r>> {
+    let http2 = parts.version == Version::HTTP_2;
+    let guard = shared.sessions.begin(&conn.sessions, &permit, http2);
+    let (router, stacks) = (&shared.router, &shared.stacks);
+    if let Some(refusal) = recheck(router, stacks, parts, &permit, &conn.digests, now) {
+        drop(guard);
+        // The token's bucket was made on admission; it may be gone since.
+        shared.forget_if_gone(permit.stack, &permit.token.uid, None);
+        return Err(refusal);
+    }
+    // A revoked HTTP/2 stream is reset on its own: its task is dropped once
+    // the request's token is cancelled, the request's future with it,
+    // whatever hyper is waiting for. On HTTP/1.1 the connection task drops
+    // the connection.
+    if let Some(cancel) = guard.cancel() {
+        crate::conn::reset_stream_on(cancel);
+    }
+    // Requests lease an HTTP/1.1 upstream connection from the light pool,
+    // except HTTP/2 ones to an https upstream: they take the shared client,
+    // which multiplexes them over h2 if the upstream offers it by ALPN.
+    // (Over plain http the shared client would speak HTTP/1.1 too.)
+    let pooled = http2 && permit.route.upstream.scheme == Scheme::HTTPS;
+    let Some(target) = Target::of(parts, &permit, pooled) else {
+        return Err(permit_refusal(
+            &permit,
+            Reject::BadRequest(BadRequest::Malformed),
+        ));
+    };
+    Ok(Granted {
+        route: permit.route,
+        stack: permit.stack,
+        token: permit.token,
+        version: permit.version,
+        guard,
+        target,
+        pooled,
+    })
+}
+
+/// Reads a granted request's body, sends the request upstream (the
+/// client's head moved into it) and streams the response back.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Shared,
     conn: &ConnInfo,
-    parts: &Parts,
+    parts: &mut Parts,
+    id: &RequestId,
     body: Incoming,
-    permit: Permit<'_>,
+    granted: Granted<'_>,
     started: Instant,
     activity: ActivityGuard,
 ) -> Result<Response<Body>, Aborted> {
+    let Granted {
+        route,
+        stack,
+        token,
+        version,
+        guard,
+        target,
+        pooled,
+    } = granted;
     let mut line = Pending::new(
         Access {
-            request_id: log_id(parts),
-            stack: &permit.stack.name,
-            token: &permit.token.uid,
-            route: permit.route.kind.name(),
+            request_id: id.text(),
+            stack: &stack.name,
+            token: &token.uid,
+            route: route.kind.name(),
         },
         started,
     );
-    let aborted = |line: &mut Pending<'_>, aborted: Aborted| {
-        line.write(Outcome::Aborted(&aborted));
-        Err(aborted)
-    };
-    let refused = |line: &mut Pending<'_>, refusal, activity| {
+    let refused = |line: &mut Pending<'_>, reject, origin: Option<&HeaderValue>, activity| {
         line.hand_off();
-        Ok(finish(refuse(shared, parts, refusal, started), activity))
+        let refusal = Refusal {
+            reject,
+            route: Some(route),
+            stack: Some(stack),
+            token: Some(Arc::clone(&token)),
+        };
+        let response = refuse(shared, id.text(), origin, refusal, started);
+        Ok(finish(response, activity))
     };
     // A body to read (GraphQL POSTs) is read by a future on the heap, so that
     // the request future stays small, and bodiless GETs allocate nothing
@@ -254,63 +357,47 @@ async fn forward(
             } else {
                 BadRequest::BodyTooLarge
             };
-            return refused(
-                &mut line,
-                permit_refusal(&permit, Reject::BadRequest(bad)),
-                activity,
-            );
+            let origin = parts.headers.get(header::ORIGIN);
+            return refused(&mut line, Reject::BadRequest(bad), origin, activity);
         }
-        Err(BodyError::Client(err)) => return aborted(&mut line, Aborted::ClientBody(err)),
+        Err(BodyError::Client(err)) => {
+            let aborted = Aborted::ClientBody(err);
+            line.write(Outcome::Aborted(&aborted));
+            return Err(aborted);
+        }
     };
-    let guard = shared
-        .sessions
-        .begin(&conn.sessions, &permit, parts.version == Version::HTTP_2);
-    let (router, stacks) = (&shared.router, &shared.stacks);
-    if let Some(refusal) = recheck(router, stacks, parts, &permit, &conn.digests, started) {
-        drop(guard);
-        // The token's bucket was made on admission; it may be gone since.
-        shared.forget_if_gone(permit.stack, &permit.token.uid, None);
-        return refused(&mut line, refusal, activity);
-    }
-    // Requests lease an HTTP/1.1 upstream connection from the light pool,
-    // except HTTP/2 ones to an https upstream: they take the shared client,
-    // which multiplexes them over h2 if the upstream offers it by ALPN.
-    // (Over plain http the shared client would speak HTTP/1.1 too.)
-    let pooled = parts.version == Version::HTTP_2 && permit.route.upstream.scheme == Scheme::HTTPS;
-    let Some(upstream_request) = upstream_request(parts, &permit, conn, body, pooled) else {
+    let http2 = parts.version == Version::HTTP_2;
+    let Rebuilt { request, origin } = upstream_request(parts, target, id, conn, body);
+    let Some(request) = request else {
         let reject = Reject::BadRequest(BadRequest::Malformed);
-        return refused(&mut line, permit_refusal(&permit, reject), activity);
+        return refused(&mut line, reject, origin.as_ref(), activity);
     };
+    let refused =
+        |line: &mut Pending<'_>, reject, activity| refused(line, reject, origin.as_ref(), activity);
 
     let upstream_started = Instant::now();
     let call = async {
-        let upstream = &permit.route.upstream;
+        let upstream = &route.upstream;
         if pooled {
             let held = shared
                 .h1pool
                 .permit(upstream)
                 .await
                 .map_err(UpstreamFailure::H1)?;
-            let response = shared.client.request(upstream_request).await;
+            let response = shared.client.request(request).await;
             response
                 .map(|response| (response, Lease::Pooled(held)))
                 .map_err(UpstreamFailure::Pooled)
         } else {
-            let response = shared.h1pool.send(upstream, upstream_request).await;
+            let response = shared.h1pool.send(upstream, request).await;
             response
                 .map(|(response, lease)| (response, Lease::H1(lease)))
                 .map_err(UpstreamFailure::H1)
         }
     };
-    // A revoked HTTP/2 stream is reset on its own: its task is dropped once
-    // the request's token is cancelled, this future with it, whatever hyper
-    // is waiting for. On HTTP/1.1 the connection task drops the connection.
-    if let Some(cancel) = guard.cancel() {
-        crate::conn::reset_stream_on(cancel);
-    }
     // `request_timeout` bounds the call: on HTTP/1.1 through the
     // connection's watchdog, on HTTP/2 (a task per stream) with a timer.
-    let answer = if parts.version == Version::HTTP_2 {
+    let answer = if http2 {
         let timeout = shared.config.upstream.request_timeout;
         tokio::time::timeout(timeout, call).await.ok()
     } else {
@@ -319,11 +406,11 @@ async fn forward(
             .within_request_timeout(upstream_started, call)
             .await
     };
-    let kind = permit.route.kind;
+    let kind = route.kind;
     let (upstream, lease) = match answer {
         Some(Ok(answered)) => answered,
         Some(Err(err)) => {
-            tracing::warn!(route = line.access().route, error = %err, upstream = %permit.route.upstream.authority, "upstream failed");
+            tracing::warn!(route = line.access().route, error = %err, upstream = %route.upstream.authority, "upstream failed");
             let reject = if matches!(err, UpstreamFailure::H1(SendError::Busy)) {
                 Reject::UpstreamBusy
             } else if connect_timed_out(&err) {
@@ -331,15 +418,9 @@ async fn forward(
             } else {
                 Reject::UpstreamError
             };
-            return refused(&mut line, permit_refusal(&permit, reject), activity);
+            return refused(&mut line, reject, activity);
         }
-        None => {
-            return refused(
-                &mut line,
-                permit_refusal(&permit, Reject::UpstreamTimeout),
-                activity,
-            )
-        }
+        None => return refused(&mut line, Reject::UpstreamTimeout, activity),
     };
     // One clock read for the two histograms and the access line.
     let answered = Instant::now();
@@ -348,7 +429,7 @@ async fn forward(
     durations.upstream[kind.index()].observe(upstream_took.as_secs_f64());
     let elapsed = answered.saturating_duration_since(started);
     durations.request[kind.index()].observe(elapsed.as_secs_f64());
-    shared.record_forwarded(&permit);
+    shared.record_forwarded(stack, &token, kind, version);
     line.write_elapsed(Outcome::Forwarded(upstream.status().as_u16()), elapsed);
 
     let (mut head, body) = upstream.into_parts();
@@ -367,7 +448,7 @@ async fn forward(
 }
 
 /// A refusal of a request that had been permitted (its token is known).
-fn permit_refusal<'a>(permit: &Permit<'a>, reject: Reject) -> Refusal<'a> {
+fn permit_refusal<'r>(permit: &Permit<'r, '_>, reject: Reject) -> Refusal<'r> {
     Refusal {
         reject,
         route: Some(permit.route),

@@ -32,18 +32,35 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// The request id the client sent, or a new one.
-pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers
-        .get(&REQUEST_ID)
-        .filter(|v| !v.is_empty() && v.len() <= 200)
-    {
-        return id.clone();
+/// A request's id: the one the client sent, or a new one.
+#[derive(Debug)]
+pub struct RequestId {
+    pub value: HeaderValue,
+    /// Made here: the origin is sent it too (the client's goes as it came).
+    pub new: bool,
+}
+
+impl RequestId {
+    /// The id of a request with these headers.
+    pub fn of(headers: &HeaderMap) -> RequestId {
+        if let Some(id) = headers
+            .get(&REQUEST_ID)
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+        {
+            return RequestId {
+                value: id.clone(),
+                new: false,
+            };
+        }
+        let value = HeaderValue::from_bytes(&new_request_id())
+            .unwrap_or_else(|_| HeaderValue::from_static("0"));
+        RequestId { value, new: true }
     }
-    let value = HeaderValue::from_bytes(&new_request_id())
-        .unwrap_or_else(|_| HeaderValue::from_static("0"));
-    headers.insert(REQUEST_ID, value.clone());
-    value
+
+    /// As the access log writes it (`""` if it is not text).
+    pub fn text(&self) -> &str {
+        self.value.to_str().unwrap_or("")
+    }
 }
 
 /// A new request id: 32 lower-case hex digits. The first 16 are drawn at
@@ -92,116 +109,173 @@ fn hex_into(out: &mut [u8], value: u64) {
     }
 }
 
-pub fn log_id(parts: &Parts) -> &str {
-    parts
-        .headers
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
+/// What the origin is sent besides the client's method and headers, decided
+/// while the request's permit still holds what was read from it: the
+/// target, the checked `branch` where the client's header reads otherwise,
+/// and where the stack's api_key goes. It borrows nothing of the request,
+/// so that the client's head can then move into the upstream request
+/// ([`upstream_request`]) instead of being copied.
+#[derive(Debug)]
+pub struct Target<'r> {
+    uri: Uri,
+    /// The checked branch, when the client's `branch` header differs from it.
+    branch: Option<HeaderValue>,
+    /// The stack's api_key: sent in the `api_key` header on REST routes,
+    /// `None` on GraphQL routes, whose path carries it.
+    api_key: Option<&'r str>,
+    /// A delivery request: an ignored `preview_token` is not forwarded.
+    delivery: bool,
+}
+
+impl<'r> Target<'r> {
+    /// The target of a permitted request (SPEC §2): the normalized path
+    /// (prefix stripped) and the query re-encoded from its parsed pairs.
+    /// Its URI is absolute for the `pooled` client, else in origin form (the
+    /// HTTP/1.1 pool sets `Host` itself). `None`: the target cannot be
+    /// rebuilt (the request is refused as malformed).
+    pub fn of(parts: &Parts, permit: &Permit<'r, '_>, pooled: bool) -> Option<Target<'r>> {
+        let query = match parts.uri.query() {
+            Some(query) if permit.query_canonical => Some(Cow::Borrowed(query)),
+            query => query.map(canonical_query),
+        };
+        let path_and_query = match (parts.uri.path_and_query(), &permit.path, &query) {
+            // Nothing rewritten: the client's path and query as they are.
+            (Some(pq), Cow::Borrowed(path), None | Some(Cow::Borrowed(_)))
+                if std::ptr::eq(pq.path(), *path) =>
+            {
+                pq.clone()
+            }
+            _ => {
+                let text = match &query {
+                    Some(query) => format!("{}?{query}", permit.path),
+                    None => permit.path.clone().into_owned(),
+                };
+                PathAndQuery::try_from(text).ok()?
+            }
+        };
+        let uri = if pooled {
+            let upstream = &permit.route.upstream;
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(upstream.scheme.clone());
+            uri.authority = Some(upstream.authority.clone());
+            uri.path_and_query = Some(path_and_query);
+            Uri::from_parts(uri).ok()?
+        } else {
+            Uri::from(path_and_query)
+        };
+        let branch = if permit.branch_rewritten {
+            Some(HeaderValue::from_str(&permit.branch).ok()?)
+        } else {
+            None
+        };
+        let stack: &'r crate::registry::StackRegistry = permit.stack;
+        Some(Target {
+            uri,
+            branch,
+            api_key: (!permit.route.kind.api_key_in_path()).then_some(&*stack.api_key),
+            delivery: permit.session == SessionKind::Delivery,
+        })
+    }
+}
+
+/// The upstream request, and the client's `Origin` header.
+pub struct Rebuilt {
+    /// `None`: a header could not be rebuilt (refused as malformed).
+    pub request: Option<Request<Full<Bytes>>>,
+    /// For the CORS headers of a refusal answered after this (the client's
+    /// head has moved into the request).
+    pub origin: Option<HeaderValue>,
 }
 
 /// The request to send upstream, rebuilt from what was checked (SPEC §2):
-/// same method; the normalized path (prefix stripped) and the query
-/// re-encoded from its parsed pairs; the client's headers minus hop-by-hop
+/// same method; the [`Target`]; the client's headers minus hop-by-hop
 /// ones, `Host` and an ignored `preview_token`, with every credential and
 /// scope header carrying the value that was checked (the stack's api_key on
 /// REST routes, none on GraphQL where it is in the path; the checked branch)
 /// and token values marked sensitive, so that HPACK never indexes them.
-/// Its URI is absolute for the `pooled` client, else in origin form (the
-/// HTTP/1.1 pool sets `Host` itself).
+/// A request that came without an id is sent the one made for it.
+/// The client's method and header map move from `head` (left empty) into
+/// the upstream request: not copied.
 pub fn upstream_request(
-    parts: &Parts,
-    permit: &Permit<'_>,
+    head: &mut Parts,
+    target: Target<'_>,
+    id: &RequestId,
     conn: &ConnInfo,
     body: Bytes,
-    pooled: bool,
-) -> Option<Request<Full<Bytes>>> {
-    let query = match parts.uri.query() {
-        Some(query) if permit.query_canonical => Some(Cow::Borrowed(query)),
-        query => query.map(canonical_query),
-    };
-    let path_and_query = match (parts.uri.path_and_query(), &permit.path, &query) {
-        // Nothing rewritten: the client's path and query as they are.
-        (Some(pq), Cow::Borrowed(path), None | Some(Cow::Borrowed(_)))
-            if std::ptr::eq(pq.path(), *path) =>
-        {
-            pq.clone()
-        }
-        _ => {
-            let text = match &query {
-                Some(query) => format!("{}?{query}", permit.path),
-                None => permit.path.clone().into_owned(),
-            };
-            PathAndQuery::try_from(text).ok()?
-        }
-    };
-    let uri = if pooled {
-        let upstream = &permit.route.upstream;
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(upstream.scheme.clone());
-        uri.authority = Some(upstream.authority.clone());
-        uri.path_and_query = Some(path_and_query);
-        Uri::from_parts(uri).ok()?
-    } else {
-        Uri::from(path_and_query)
-    };
+) -> Rebuilt {
+    let mut origin = None;
+    let request = rebuild(head, target, id, conn, body, &mut origin);
+    Rebuilt { request, origin }
+}
 
-    let mut headers = parts.headers.clone();
-    // One pass over the copy: which hop-by-hop and replaced headers are
+fn rebuild(
+    head: &mut Parts,
+    target: Target<'_>,
+    id: &RequestId,
+    conn: &ConnInfo,
+    body: Bytes,
+    origin: &mut Option<HeaderValue>,
+) -> Option<Request<Full<Bytes>>> {
+    let method = std::mem::take(&mut head.method);
+    let mut headers = std::mem::take(&mut head.headers);
+    // The headers the gateway adds (`x-forwarded-for`, `-proto`, a new
+    // `x-request-id` and the `api_key` a client may lack): room for them at
+    // once, not a growth of the map per insert.
+    headers.reserve(4);
+    // One pass over the map: which hop-by-hop and replaced headers are
     // there (so that only those are looked up again), token values marked
     // sensitive, api_key (REST) and branch set to what was checked where the
-    // client's differ (blanks the check trimmed).
+    // client's differ (blanks the check trimmed), the client's `Origin`.
     let mut hop_by_hop = [false; HOP_BY_HOP.len()];
     let (mut has_host, mut has_preview, mut has_api_key, mut has_forwarded_for) =
         (false, false, false, false);
     for (name, value) in headers.iter_mut() {
-        let checked = match name.as_str() {
-            "host" => {
-                has_host = true;
-                continue;
+        match name.as_str() {
+            "host" => has_host = true,
+            "origin" => {
+                origin.get_or_insert_with(|| value.clone());
             }
-            "access_token" => {
-                value.set_sensitive(true);
-                continue;
-            }
+            "access_token" => value.set_sensitive(true),
             "preview_token" => {
                 has_preview = true;
                 value.set_sensitive(true);
-                continue;
             }
-            "x-forwarded-for" => {
-                has_forwarded_for = true;
-                continue;
-            }
+            "x-forwarded-for" => has_forwarded_for = true,
             "api_key" => {
                 has_api_key = true;
-                &*permit.stack.api_key
+                if let Some(api_key) = target.api_key {
+                    if value.as_bytes() != api_key.as_bytes() {
+                        *value = HeaderValue::from_str(api_key).ok()?;
+                    }
+                }
             }
-            "branch" => &*permit.branch,
+            "branch" => {
+                if let Some(branch) = &target.branch {
+                    *value = branch.clone();
+                }
+            }
             _ => {
                 if let Some(i) = hop_by_hop_index(name) {
                     hop_by_hop[i] = true;
                 }
-                continue;
             }
-        };
-        if value.as_bytes() != checked.as_bytes() {
-            *value = HeaderValue::from_str(checked).ok()?;
         }
     }
     strip_present(&mut headers, hop_by_hop);
     if has_host {
         headers.remove(header::HOST);
     }
-    if has_preview && permit.session == SessionKind::Delivery {
+    if has_preview && target.delivery {
         headers.remove(PREVIEW_TOKEN);
     }
-    let api_key_in_path = permit.route.kind.api_key_in_path();
-    if api_key_in_path && has_api_key {
-        headers.remove(API_KEY);
-    }
-    if !api_key_in_path && !has_api_key {
-        headers.insert(API_KEY, HeaderValue::from_str(&permit.stack.api_key).ok()?);
+    match target.api_key {
+        None if has_api_key => {
+            headers.remove(API_KEY);
+        }
+        Some(api_key) if !has_api_key => {
+            headers.insert(API_KEY, HeaderValue::from_str(api_key).ok()?);
+        }
+        _ => {}
     }
     let prior = if has_forwarded_for {
         headers.get(&X_FORWARDED_FOR)
@@ -220,9 +294,12 @@ pub fn upstream_request(
     };
     headers.insert(X_FORWARDED_FOR, forwarded_for);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
+    if id.new {
+        headers.insert(REQUEST_ID, id.value.clone());
+    }
     let mut request = Request::new(Full::new(body));
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
+    *request.method_mut() = method;
+    *request.uri_mut() = target.uri;
     *request.headers_mut() = headers;
     Some(request)
 }
@@ -324,13 +401,17 @@ mod tests {
         let other = std::thread::spawn(new_request_id).join().unwrap();
         assert_ne!(other[..16], ids[0][..16]);
 
-        let mut headers = HeaderMap::new();
-        let made = request_id(&mut headers);
-        assert_eq!(made.len(), 32);
-        assert_eq!(headers.get(&REQUEST_ID), Some(&made));
+        let made = RequestId::of(&HeaderMap::new());
+        assert!(made.new);
+        assert_eq!(made.text().len(), 32);
         let mut given = HeaderMap::new();
         given.insert(REQUEST_ID, HeaderValue::from_static("req-1"));
-        assert_eq!(request_id(&mut given), "req-1");
+        let given = RequestId::of(&given);
+        assert!(!given.new);
+        assert_eq!(given.text(), "req-1");
+        let mut blank = HeaderMap::new();
+        blank.insert(REQUEST_ID, HeaderValue::from_static(""));
+        assert!(RequestId::of(&blank).new);
     }
 
     #[test]
@@ -352,6 +433,8 @@ mod tests {
             .header("access_token", "cs_prod")
             .header("preview_token", "cs_prod_preview")
             .header("x-other", "plain")
+            .header("origin", "https://site.test")
+            .header("branch", " main ")
             .body(())
             .unwrap()
             .into_parts();
@@ -366,10 +449,25 @@ mod tests {
             "http",
             sessions.connection(),
         );
-        let request = upstream_request(&parts, &permit, &conn, Bytes::new(), true).unwrap();
+        let id = RequestId::of(&parts.headers);
+        let target = Target::of(&parts, &permit, true).unwrap();
+        drop(permit);
+        // The client's head moves into the upstream request.
+        let mut parts = parts;
+        let rebuilt = upstream_request(&mut parts, target, &id, &conn, Bytes::new());
+        assert!(parts.headers.is_empty());
+        assert_eq!(rebuilt.origin.unwrap(), "https://site.test");
+        let request = rebuilt.request.unwrap();
         let headers = request.headers();
         assert!(headers[&ACCESS_TOKEN].is_sensitive());
         assert!(headers[&PREVIEW_TOKEN].is_sensitive());
         assert!(!headers["x-other"].is_sensitive());
+        // What was checked, not what was sent: the trimmed branch; no
+        // `Host`; the id made for a request without one.
+        assert_eq!(headers["branch"], "main");
+        assert!(!headers.contains_key(header::HOST));
+        assert_eq!(headers[&REQUEST_ID], id.value);
+        assert_eq!(headers["api_key"], "blt_site");
+        assert_eq!(request.uri().path(), "/v3/entries");
     }
 }

@@ -50,7 +50,7 @@ struct Usage {
 }
 
 impl Usage {
-    fn of(permit: &Permit<'_>) -> Usage {
+    fn of(permit: &Permit<'_, '_>) -> Usage {
         Usage {
             environments: permit.environments.iter().map(|e| e.to_string()).collect(),
             branch: permit.branch.to_string(),
@@ -59,7 +59,7 @@ impl Usage {
     }
 
     /// [`Usage::same_reach`] against a permit, without building its usage.
-    fn same_reach_as(&self, permit: &Permit<'_>) -> bool {
+    fn same_reach_as(&self, permit: &Permit<'_, '_>) -> bool {
         self.branch == permit.branch
             && self.environments.iter().eq(permit.environments.iter())
             && (Arc::ptr_eq(&self.token, &permit.token)
@@ -316,7 +316,7 @@ impl Sessions {
 
     /// Registers a permitted request on `conn`. `http2` selects stream-level
     /// cancellation instead of closing the connection.
-    pub fn begin(&self, conn: &ConnSessions, permit: &Permit<'_>, http2: bool) -> RequestGuard {
+    pub fn begin(&self, conn: &ConnSessions, permit: &Permit<'_, '_>, http2: bool) -> RequestGuard {
         let key = TokenKey {
             stack: permit.stack.index,
             uid: Arc::clone(&permit.token.uid),

@@ -75,7 +75,7 @@ fn permit<'a>(
     token: &Arc<Token>,
     kind: SessionKind,
     branch: &'a str,
-) -> Permit<'a> {
+) -> Permit<'a, 'a> {
     Permit {
         route: &f.route,
         path: std::borrow::Cow::Borrowed("/"),
@@ -84,6 +84,7 @@ fn permit<'a>(
         session: kind,
         environments: Default::default(),
         branch: branch.into(),
+        branch_rewritten: false,
         version: 1,
         query_canonical: true,
     }
