@@ -643,3 +643,34 @@ async fn a_token_deleted_under_load_leaves_no_state_behind() {
         "a series of the deleted token came back"
     );
 }
+
+#[tokio::test]
+async fn a_request_whose_body_is_still_arriving_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let w = world().await;
+    // A GraphQL POST whose head is sent and whose body is not: the session
+    // is registered once the request is permitted, before its body is read.
+    let mut stream = TcpStream::connect(w.gateway.http).await.unwrap();
+    let head = format!(
+        "POST /stacks/{API_KEY}?environment=production HTTP/1.1\r\nhost: graphql.test\r\naccess_token: {PROD}\r\ncontent-type: application/json\r\ncontent-length: 64\r\n\r\n{{\"query\":"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let sessions = &w.gateway.shared.sessions;
+    wait_until("the upload's session", || sessions.live(0, "blt_prod") == 1).await;
+
+    let reply = w
+        .gateway
+        .admin("POST", "/admin/tokens/blt_prod/revoke")
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["sessions_cancelled"], 1);
+    let answered = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("the connection is closed by the revocation");
+    assert!(
+        answered.is_empty(),
+        "an upload cut by a revocation is answered with nothing: {}",
+        String::from_utf8_lossy(&answered)
+    );
+    assert_eq!(w.origin.request_count(), 0, "the origin saw the request");
+}
